@@ -1,0 +1,1130 @@
+"""The Batcher: accumulate items into batches, dispatch them, resolve callers.
+
+Where things live in this module:
+
+- ``_put``: the per-item hot path (one future, two appends, maybe a timer).
+- ``_make_due`` / ``_pump`` / ``_start``: the dispatch rule.
+- ``_run``: one batch's sink calls (timeout, retry, isolation).
+- ``_deliver``: per-item results onto futures (the mapping itself is in
+  ``_results``; the time triggers are in ``_timers``).
+- ``submit*``, ``flush``, ``aclose``: the public surface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import enum
+import itertools
+import math
+import warnings
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
+from typing import Any, Generic, Literal, TypeAlias, TypeVar, overload
+
+from ._exceptions import BatcherClosed, QueueFull
+from ._results import answer_values
+from ._retry import Retry
+from ._stats import BatcherStats, BatchReport, DispatchReason
+from ._timers import Deadlines
+
+__all__ = ["Batcher", "Overflow", "SinkResult"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+SinkResult: TypeAlias = Sequence[R | BaseException] | Mapping[Any, R | BaseException] | None
+"""What a sink may return for a batch; see :class:`Batcher`."""
+
+Overflow = Literal["block", "reject", "drop_oldest"]
+_OVERFLOWS = ("block", "reject", "drop_oldest")
+
+_Fut: TypeAlias = asyncio.Future[Any]
+_done = asyncio.Future.done
+
+
+class _State(enum.Enum):
+    IDLE = "idle"  # not bound to a loop yet
+    RUNNING = "running"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class _Batch:
+    """One batch, from its first item to its last resolved caller.
+
+    ``items[i]`` is slot ``i``; ``futs[i]`` its first caller and, with
+    ``dedupe``, ``extra[i]`` the callers coalesced into it. A batch is *open*
+    while it is its partition's entry in ``Batcher._open`` (it accepts items),
+    *due* once ``reason`` is set (it sits in ``Batcher._ready`` until a slot
+    is free), and *running* once its sink call started.
+    """
+
+    __slots__ = (
+        "coalesced",
+        "counted",
+        "extra",
+        "futs",
+        "gone",
+        "index",
+        "items",
+        "on_done",
+        "partition",
+        "reason",
+        "running",
+        "seq",
+        "timer",
+        "weight",
+    )
+
+    def __init__(self, partition: Hashable, seq: int, dedupe: bool) -> None:
+        self.partition = partition
+        self.seq = seq
+        self.items: list[Any] = []
+        self.futs: list[_Fut] = []
+        self.weight: float = 0
+        self.reason: DispatchReason | None = None
+        self.timer: asyncio.Handle | None = None
+        self.running = False
+        self.index: dict[Hashable, int] | None = {} if dedupe else None
+        self.extra: dict[int, list[_Fut]] | None = None
+        self.coalesced = 0
+        # Slots whose room under max_pending was already released (their callers
+        # all left before dispatch); the dispatch sweep releases the rest.
+        self.gone: set[int] | None = None
+        # Cancelled futures already counted in stats.cancelled by their caller.
+        self.counted: set[_Fut] | None = None
+        self.on_done: list[_Fut] | None = None
+
+
+class Batcher(Generic[T, R]):
+    """Gathers concurrent submissions into batches for one async *sink* call each.
+
+    Each caller awaits its own item's result::
+
+        async def sink(items: list[str]) -> list[int]:
+            return [len(s) for s in items]
+
+        async with Batcher(sink, max_size=64, max_wait=0.005) as batcher:
+            n = await batcher.submit("hello")       # 5
+
+    Args:
+        sink: ``async def sink(items: list[T])`` returning a ``Sequence`` with
+            one result per item (in order), a ``Mapping`` keyed by
+            ``key(item)`` (or the item), or ``None`` (every item resolves to
+            ``None``). An entry that is an ``Exception`` instance fails only
+            its item; raising fails the whole batch.
+        max_size: items per batch, ``>= 1``.
+        max_wait: seconds the first item of an open batch waits for
+            companions. ``0`` dispatches at the end of the current loop
+            iteration (DataLoader semantics). ``None`` (the default) means
+            ``0``, or no linger at all when ``interval`` is given; an explicit
+            ``None`` together with ``interval`` keeps only the heartbeat.
+        interval: fixed-rate heartbeat, seconds. Pending items are flushed on
+            the absolute grid ``t0 + k * interval`` (``t0``: the loop time when
+            the batcher first binds to its loop); a tick that is already past
+            when it would be armed is skipped, never bunched.
+        max_weight: a batch is sealed before its summed ``weigh(item)`` would
+            pass this; a batch whose weight reaches it exactly is full. An item
+            heavier than ``max_weight`` goes in a batch of its own.
+        weigh: ``weigh(item) -> number >= 0``; required with ``max_weight``.
+        max_concurrency: sink calls running at once, ``>= 1``.
+        max_pending: bound on items accepted but not yet dispatched.
+        overflow: what happens at ``max_pending``: ``"block"`` (``submit``
+            waits for room, first come first served), ``"reject"`` (raise
+            :class:`QueueFull`), ``"drop_oldest"`` (the oldest pending item
+            fails with ``QueueFull`` and the new one enters).
+        key: ``key(item) -> Hashable``: item identity, used to look items up
+            in a ``Mapping`` answer and, with ``dedupe``, to coalesce.
+        dedupe: equal items (by ``key``) of one open batch share one sink
+            slot; every caller receives that slot's result.
+        partition: ``partition(item) -> Hashable``: items of different
+            partitions never share a batch; each has its own open batch and
+            timer, the concurrency limit is shared.
+        timeout: seconds for one sink call; past it the call is cancelled and
+            its items fail with ``TimeoutError`` (or are retried).
+        retry: a :class:`Retry` policy for failed sink calls.
+        on_batch: called with a :class:`BatchReport` once per finished batch.
+            Exceptions it raises go to the loop's exception handler.
+        name: used in ``repr`` and error messages; defaults to the sink's
+            qualified name.
+
+    Dispatch rule: a batch is *due* when it is full (size or weight), when
+    ``max_wait`` has passed since its first item, at a heartbeat tick, or on
+    ``flush``/``aclose``. Due batches are dispatched in the order they became
+    due, as soon as one of the ``max_concurrency`` slots is free. A due batch
+    that is not full keeps accepting items while it waits for a slot, so
+    batches grow by themselves under load and add no latency when idle.
+
+    Cancellation: a caller cancelled (or timed out) before its item is
+    dispatched withdraws the item; the sink never sees it. After dispatch the
+    sink call goes on and that caller's result is dropped. Nothing else in
+    the batch is affected.
+
+    Loop binding: a batcher binds to the first running event loop that uses
+    it. Using it from another loop while that one runs raises
+    ``RuntimeError``; once the first loop is closed and nothing is pending,
+    the next use rebinds.
+    """
+
+    def __init__(
+        self,
+        sink: Callable[[list[T]], Awaitable[SinkResult[R]]],
+        *,
+        max_size: int = 128,
+        max_wait: float | None = None,
+        interval: float | None = None,
+        max_weight: float | None = None,
+        weigh: Callable[[T], float] | None = None,
+        max_concurrency: int = 1,
+        max_pending: int | None = None,
+        overflow: Overflow = "block",
+        key: Callable[[T], Hashable] | None = None,
+        dedupe: bool = False,
+        partition: Callable[[T], Hashable] | None = None,
+        timeout: float | None = None,
+        retry: Retry | None = None,
+        on_batch: Callable[[BatchReport], object] | None = None,
+        name: str | None = None,
+    ) -> None:
+        if not callable(sink):
+            raise TypeError(f"sink must be an async callable, got {sink!r}")
+        _check_int("max_size", max_size, 1)
+        _check_int("max_concurrency", max_concurrency, 1)
+        if max_pending is not None:
+            _check_int("max_pending", max_pending, 1)
+        if interval is not None:
+            _check_number("interval", interval, positive=True)
+        if max_wait is None:
+            max_wait = None if interval is not None else 0.0
+        else:
+            _check_number("max_wait", max_wait, positive=False)
+        if max_weight is not None:
+            _check_number("max_weight", max_weight, positive=True)
+            if weigh is None:
+                raise ValueError("max_weight needs weigh=, a function item -> weight")
+        if timeout is not None:
+            _check_number("timeout", timeout, positive=True)
+        if overflow not in _OVERFLOWS:
+            raise ValueError(f"overflow must be one of {_OVERFLOWS}, got {overflow!r}")
+        if retry is not None and not isinstance(retry, Retry):
+            raise TypeError(f"retry must be a Retry(...) policy or None, got {retry!r}")
+        for fname, fn in (("weigh", weigh), ("key", key), ("partition", partition)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{fname} must be callable, got {fn!r}")
+        if on_batch is not None and not callable(on_batch):
+            raise TypeError(f"on_batch must be callable, got {on_batch!r}")
+
+        self._sink = sink
+        self._name = name or getattr(sink, "__qualname__", None) or repr(sink)
+        self._max_size = max_size
+        self._max_weight = math.inf if max_weight is None else max_weight
+        self._weigh = weigh
+        self._max_concurrency = max_concurrency
+        self._max_pending = max_pending
+        self._overflow = overflow
+        self._key = key
+        self._dedupe = dedupe
+        self._partition = partition
+        self._timeout = timeout
+        self._retry = retry
+        self._on_batch = on_batch
+        self._deadlines = Deadlines(max_wait, interval)
+        # max_wait=0 with no heartbeat: every batch is due at the end of the
+        # iteration that opened it, armed with call_soon rather than call_at.
+        self._soon = max_wait == 0 and interval is None
+
+        self._state = _State.IDLE
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._open: dict[Hashable, _Batch] = {}
+        self._ready: deque[_Batch] = deque()
+        self._inflight: dict[_Batch, asyncio.Task[None]] = {}
+        self._putters: deque[_Fut] = deque()
+        self._busy = 0
+        self._seq = itertools.count()
+        self._closing: asyncio.Future[None] | None = None
+        self._cancel_on_close = False
+
+        self._pending = 0
+        self._peak_pending = 0
+        self._in_flight = 0
+        self._submitted = 0  # callers of dispatched or discarded batches
+        self._succeeded = 0
+        self._failed = 0
+        self._cancelled = 0
+        self._expired = 0
+        self._rejected = 0
+        self._dropped = 0
+        self._batches = 0
+        self._dispatched_slots = 0
+        self._reasons: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def name(self) -> str:
+        """The batcher's name (``name=`` or the sink's qualified name)."""
+        return self._name
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`aclose` has started: no new items are accepted."""
+        return self._state is _State.CLOSING or self._state is _State.CLOSED
+
+    @property
+    def stats(self) -> BatcherStats:
+        """A snapshot of the counters; see :class:`BatcherStats`."""
+        waiting = 0
+        for batch in self._undispatched():
+            waiting += len(batch.futs) + batch.coalesced
+        dispatched = self._dispatched_slots
+        return BatcherStats(
+            submitted=self._submitted + waiting,
+            succeeded=self._succeeded,
+            failed=self._failed,
+            cancelled=self._cancelled,
+            expired=self._expired,
+            rejected=self._rejected,
+            dropped=self._dropped,
+            batches=self._batches,
+            pending=self._pending,
+            in_flight=self._in_flight,
+            peak_pending=max(self._peak_pending, self._pending),
+            mean_batch_size=dispatched / self._batches if self._batches else 0.0,
+            reasons=dict(self._reasons),
+        )
+
+    async def submit(self, item: T, *, timeout: float | None = None) -> R:  # noqa: ASYNC109
+        """Submit one item and wait for its own result.
+
+        Args:
+            item: the item; it reaches the sink in a batch with others.
+            timeout: seconds for the whole wait (room under ``max_pending``
+                included). When it runs out the item is withdrawn if not yet
+                dispatched, and ``TimeoutError`` is raised.
+
+        Returns:
+            The sink's result for this item.
+
+        Raises:
+            Exception: this item's error: the sink's exception (the whole
+                batch failed), an exception instance the sink returned for
+                this item, ``ResultMismatch``, or ``TimeoutError`` (sink
+                ``timeout``).
+            TimeoutError: ``timeout`` ran out.
+            QueueFull: no room and ``overflow="reject"``, or the item was
+                dropped by ``overflow="drop_oldest"``.
+            BatcherClosed: the batcher is closed, or was closed while this
+                call waited for room, or with ``aclose(cancel=True)``.
+            RuntimeError: called from a loop other than the bound one.
+
+        Cancellation: cancelling the caller before dispatch withdraws the
+        item; after dispatch the result is dropped. Others are not affected.
+        """
+        loop = self._loop
+        if loop is not asyncio.get_running_loop() or self._state is not _State.RUNNING:
+            loop = self._bind()
+        assert loop is not None
+        fut: _Fut = loop.create_future()
+        if timeout is not None:
+            return await self._submit_with_timeout(loop, item, fut, timeout)
+        batch = self._put(item, fut)
+        if batch is None:
+            batch = await self._put_when_room(item, fut, None)
+        try:
+            return await fut  # type: ignore[no-any-return]
+        except asyncio.CancelledError:
+            if fut.cancelled():
+                self._count_cancelled(batch, fut)
+                self._withdraw(batch, fut)
+            raise
+
+    def submit_nowait(self, item: T) -> asyncio.Future[R]:
+        """Submit one item without waiting; returns the future of its result.
+
+        For fire-and-forget use or to gather later. It never waits: with no
+        room under ``max_pending`` it raises :class:`QueueFull` whatever
+        ``overflow`` says (like ``Queue.put_nowait``), except
+        ``"drop_oldest"``, which makes room. Cancelling the returned future
+        before dispatch withdraws the item.
+
+        Must be called from the batcher's event loop thread (a coroutine or
+        callback); from other threads use :meth:`submit_threadsafe`.
+
+        Raises:
+            QueueFull: no room.
+            BatcherClosed: the batcher is closed.
+            RuntimeError: no running loop, or another loop than the bound one.
+        """
+        loop = self._loop
+        if loop is not asyncio.get_running_loop() or self._state is not _State.RUNNING:
+            loop = self._bind()
+        assert loop is not None
+        fut: asyncio.Future[R] = loop.create_future()
+        if self._put(item, fut) is None:
+            self._rejected += 1
+            raise QueueFull(self._full_message())
+        return fut
+
+    @overload
+    async def submit_many(
+        self, items: Iterable[T], return_exceptions: Literal[False] = False
+    ) -> list[R]: ...
+
+    @overload
+    async def submit_many(
+        self, items: Iterable[T], return_exceptions: Literal[True]
+    ) -> list[R | BaseException]: ...
+
+    async def submit_many(
+        self, items: Iterable[T], return_exceptions: bool = False
+    ) -> list[R] | list[R | BaseException]:
+        """Submit several items and wait for all of them.
+
+        Results come back in input order. With ``return_exceptions=False``
+        the first failure in input order is raised, after every item has
+        been resolved (nothing is left running); with ``True`` failures are
+        returned in place of results. Items wait for room like
+        :meth:`submit`; if one is refused (``QueueFull``, ``BatcherClosed``)
+        the items already accepted are withdrawn and the error is raised.
+        Cancelling the call withdraws every item not yet dispatched.
+        """
+        loop = self._loop
+        if loop is not asyncio.get_running_loop() or self._state is not _State.RUNNING:
+            loop = self._bind()
+        assert loop is not None
+        futs: list[_Fut] = []
+        try:
+            for item in items:
+                fut: _Fut = loop.create_future()
+                if self._put(item, fut) is None:
+                    await self._put_when_room(item, fut, None)
+                futs.append(fut)
+        except BaseException:
+            for fut in futs:
+                fut.cancel()
+            raise
+        results = await asyncio.gather(*futs, return_exceptions=True)
+        if not return_exceptions:
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+        return results
+
+    def submit_threadsafe(self, item: T) -> concurrent.futures.Future[R]:
+        """Submit one item from any thread; returns a ``concurrent.futures.Future``.
+
+        The batcher must be bound to a running loop (used once from it, or
+        entered with ``async with``). Cancelling the returned future cancels
+        the submission. Do not block on ``.result()`` from the loop's own
+        thread: that deadlocks.
+
+        Raises:
+            RuntimeError: the batcher is not bound to a running loop.
+        """
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            raise RuntimeError(
+                f"{self!r} is not bound to a running event loop; use it once from "
+                "that loop (or enter `async with`) before submit_threadsafe()"
+            )
+        return asyncio.run_coroutine_threadsafe(self.submit(item), loop)
+
+    async def flush(self) -> None:
+        """Dispatch everything pending now and wait until it is resolved.
+
+        Waits for every batch holding an item submitted before the call,
+        including batches already in flight. ``max_concurrency`` still
+        applies. Cancelling ``flush`` does not cancel the batches.
+        """
+        if self._loop is None:
+            return
+        for batch in list(self._open.values()):
+            self._make_due(batch, "flush")
+        await self._wait_for([*self._ready, *self._inflight])
+
+    async def aclose(self, cancel: bool = False) -> None:
+        """Stop accepting items, then finish or cancel what is held.
+
+        From the moment it is called, ``submit*`` raise :class:`BatcherClosed`,
+        and so do submitters still blocked waiting for room (they were never
+        accepted).
+
+        ``cancel=False`` (drain): every pending item is dispatched at once,
+        still in batches of ``max_size``/``max_weight`` and with at most
+        ``max_concurrency`` sink calls, and ``aclose`` waits for every batch
+        in flight. ``cancel=True``: pending items fail with
+        ``BatcherClosed`` and in-flight sink calls are cancelled (their items
+        fail with ``BatcherClosed`` too).
+
+        Idempotent: a second call waits for the first to finish (and turns a
+        drain into a cancel if it passes ``cancel=True``). If the task
+        running ``aclose`` is cancelled while draining, the close is turned
+        into ``cancel=True``, finished, and the cancellation propagates.
+        Afterwards no task, timer or future of the batcher is left behind.
+        """
+        if self._state is _State.CLOSED:
+            return
+        if self._state is _State.IDLE:
+            self._state = _State.CLOSED
+            return
+        loop = self._loop
+        assert loop is not None
+        if self._state is _State.CLOSING:
+            assert self._closing is not None
+            if cancel:
+                self._cancel_everything()
+            await asyncio.shield(self._closing)
+            return
+        self._state = _State.CLOSING
+        self._closing = loop.create_future()
+        self._cancel_on_close = cancel
+        while self._putters:
+            putter = self._putters.popleft()
+            if not putter.done():
+                putter.set_exception(BatcherClosed(f"{self!r} was closed"))
+        try:
+            if cancel:
+                self._cancel_everything()
+            else:
+                for batch in list(self._open.values()):
+                    self._make_due(batch, "close")
+            try:
+                await self._wait_for([*self._ready, *self._inflight])
+            except asyncio.CancelledError:
+                self._cancel_everything()
+                tasks = list(self._inflight.values())
+                if tasks:
+                    await asyncio.wait(tasks)
+                raise
+            tasks = list(self._inflight.values())
+            if tasks:  # cancelled ones finish their last step
+                await asyncio.wait(tasks)
+        finally:
+            self._state = _State.CLOSED
+            self._closing.set_result(None)
+
+    async def __aenter__(self) -> Batcher[T, R]:
+        """Bind to the running loop; ``async with`` closes (drains) on exit."""
+        self._bind()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return (
+            f"<Batcher {self._name!r} [{self._state.value}] "
+            f"pending={self._pending} in_flight={self._in_flight}>"
+        )
+
+    def __del__(self) -> None:
+        if getattr(self, "_state", None) is not _State.RUNNING:
+            return
+        if self._pending or self._in_flight:
+            warnings.warn(
+                f"{self!r} was garbage collected with {self._pending} pending and "
+                f"{self._in_flight} in-flight items that will never be resolved; "
+                "close it with `await batcher.aclose()` or `async with`",
+                ResourceWarning,
+                source=self,
+                stacklevel=1,
+            )
+
+    # ------------------------------------------------------------ loop binding
+
+    def _bind(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if self._state is _State.CLOSING or self._state is _State.CLOSED:
+            raise BatcherClosed(f"{self!r} is closed; it accepts no new items")
+        bound = self._loop
+        if bound is loop:
+            return loop
+        if bound is not None:
+            if not bound.is_closed() or self._pending or self._in_flight or self._putters:
+                raise RuntimeError(
+                    f"{self!r} is bound to another event loop ({bound!r}) that is "
+                    "still open or still has its items; a batcher serves one loop: "
+                    "create one per loop (e.g. per asyncio.run() or per thread)"
+                )
+            self._open.clear()
+            self._ready.clear()
+        self._loop = loop
+        self._deadlines.t0 = loop.time()
+        self._state = _State.RUNNING
+        return loop
+
+    # ----------------------------------------------------------------- hot path
+
+    def _put(self, item: T, fut: _Fut, waited: bool = False) -> _Batch | None:
+        """Add ``item`` to its partition's open batch; ``None`` if no room."""
+        pkey = None if self._partition is None else self._partition(item)
+        batch = self._open.get(pkey)
+        index: Hashable = None
+        if self._dedupe:
+            index = item if self._key is None else self._key(item)
+            if batch is not None:
+                assert batch.index is not None
+                try:
+                    slot = batch.index.get(index)
+                except TypeError:
+                    raise TypeError(
+                        f"dedupe=True needs hashable items or a key= function; "
+                        f"cannot hash {index!r}"
+                    ) from None
+                if slot is not None:
+                    if batch.extra is None:
+                        batch.extra = {}
+                    batch.extra.setdefault(slot, []).append(fut)
+                    batch.coalesced += 1
+                    return batch
+        weight: float = 0
+        if self._weigh is not None:
+            weight = self._weigh(item)
+            if not weight >= 0:
+                raise ValueError(f"weigh(item) must be a number >= 0, got {weight!r}")
+        if self._max_pending is not None and (
+            self._pending >= self._max_pending or (self._putters and not waited)
+        ):
+            if self._overflow != "drop_oldest" or not self._drop_oldest():
+                return None
+            batch = self._open.get(pkey)  # the drop may have emptied it
+        if (
+            batch is not None
+            and self._weigh is not None
+            and batch.items
+            and batch.weight + weight > self._max_weight
+        ):
+            self._seal(batch, "weight")
+            batch = None
+        if batch is None:
+            batch = self._open_batch(pkey)
+        if batch.index is not None:
+            try:
+                batch.index[index] = len(batch.items)
+            except TypeError:
+                raise TypeError(
+                    f"dedupe=True needs hashable items or a key= function; cannot hash {index!r}"
+                ) from None
+        batch.items.append(item)
+        batch.futs.append(fut)
+        self._pending += 1
+        if self._weigh is not None:
+            batch.weight += weight
+            if batch.weight >= self._max_weight:
+                self._seal(batch, "weight")
+                return batch
+        if len(batch.items) >= self._max_size:
+            self._seal(batch, "size")
+        return batch
+
+    def _open_batch(self, pkey: Hashable) -> _Batch:
+        loop = self._loop
+        assert loop is not None
+        batch = _Batch(pkey, next(self._seq), self._dedupe)
+        self._open[pkey] = batch
+        if self._soon:
+            batch.timer = loop.call_soon(self._on_timer, batch, "wait")
+            return batch
+        deadline = self._deadlines.first(loop.time())
+        if deadline is not None:
+            when, tick = deadline
+            reason: DispatchReason = "interval" if tick else "wait"
+            batch.timer = loop.call_at(when, self._on_timer, batch, reason)
+        return batch
+
+    # ------------------------------------------------------------ dispatch rule
+
+    def _on_timer(self, batch: _Batch, reason: DispatchReason) -> None:
+        batch.timer = None
+        self._make_due(batch, reason)
+
+    def _seal(self, batch: _Batch, reason: DispatchReason) -> None:
+        """The batch is full: it takes no more items and becomes due."""
+        if self._open.get(batch.partition) is batch:
+            del self._open[batch.partition]
+        self._make_due(batch, reason)
+
+    def _make_due(self, batch: _Batch, reason: DispatchReason) -> None:
+        # The first trigger names the batch; later ones (it fills up while it
+        # waits for a slot) do not move it in the FIFO of due batches.
+        if batch.timer is not None:
+            batch.timer.cancel()
+            batch.timer = None
+        if batch.reason is None:
+            batch.reason = reason
+            self._ready.append(batch)
+            self._pump()
+
+    def _pump(self) -> None:
+        while self._ready and self._busy < self._max_concurrency:
+            self._start(self._ready.popleft())
+
+    def _start(self, batch: _Batch) -> None:
+        """Seal ``batch``, drop withdrawn callers, and start its sink call."""
+        if self._open.get(batch.partition) is batch:
+            del self._open[batch.partition]
+        if batch.timer is not None:
+            batch.timer.cancel()
+            batch.timer = None
+        batch.running = True
+        if self._pending > self._peak_pending:
+            self._peak_pending = self._pending
+        self._pending -= len(batch.futs) - (len(batch.gone) if batch.gone else 0)
+        self._submitted += len(batch.futs) + batch.coalesced
+        self._wake_putters()
+        items, futs, extra = self._live(batch, batch.items, batch.futs, _extra_list(batch))
+        if not items:
+            self._signal_done(batch)
+            return
+        assert batch.reason is not None
+        self._batches += 1
+        self._dispatched_slots += len(items)
+        self._reasons[batch.reason] = self._reasons.get(batch.reason, 0) + 1
+        self._busy += 1
+        self._in_flight += len(items)
+        loop = self._loop
+        assert loop is not None
+        task = loop.create_task(self._run(batch, items, futs, extra))
+        if not task.done():  # an eager task factory may have finished it already
+            self._inflight[batch] = task
+
+    def _live(
+        self,
+        batch: _Batch,
+        items: list[Any],
+        futs: list[_Fut],
+        extra: list[list[_Fut]] | None,
+    ) -> tuple[list[Any], list[_Fut], list[list[_Fut]] | None]:
+        """Keep only the slots that still have a caller waiting."""
+        if extra is None and not any(map(_done, futs)):
+            return items, futs, None
+        keep_items: list[Any] = []
+        keep_futs: list[_Fut] = []
+        keep_extra: list[list[_Fut]] = []
+        for i, item in enumerate(items):
+            waiters = [futs[i], *extra[i]] if extra is not None else [futs[i]]
+            live = []
+            for fut in waiters:
+                if fut.done():
+                    self._count_cancelled(batch, fut)
+                else:
+                    live.append(fut)
+            if live:
+                keep_items.append(item)
+                keep_futs.append(live[0])
+                keep_extra.append(live[1:])
+        has_extra = any(keep_extra)
+        return keep_items, keep_futs, keep_extra if has_extra else None
+
+    # -------------------------------------------------------------- sink calls
+
+    async def _run(
+        self,
+        batch: _Batch,
+        items: list[Any],
+        futs: list[_Fut],
+        extra: list[list[_Fut]] | None,
+    ) -> None:
+        loop = self._loop
+        assert loop is not None
+        start = loop.time()
+        size = len(items)
+        retry = self._retry
+        attempts = 0
+        error: BaseException | None = None
+        try:
+            while True:
+                attempts += 1
+                try:
+                    values = await self._call(items)
+                except Exception as exc:
+                    if retry is not None and attempts < retry.attempts and retry.retries(exc):
+                        await asyncio.sleep(retry.delay(attempts, exc))
+                        items, futs, extra = self._live(batch, items, futs, extra)
+                        if items:
+                            continue
+                        break
+                    if retry is not None and retry.isolate and len(items) > 1:
+                        calls, error = await self._isolate(batch, items, futs, extra, exc)
+                        attempts += calls
+                    else:
+                        error = exc
+                        self._deliver(batch, futs, extra, None, exc)
+                else:
+                    self._deliver(batch, futs, extra, values, None)
+                break
+        except asyncio.CancelledError:
+            closed = BatcherClosed(
+                f"{self!r} was closed with cancel=True while this item's batch was in flight"
+                if self._cancel_on_close
+                else f"the sink call of {self!r} was cancelled"
+            )
+            error = closed
+            self._deliver(batch, futs, extra, None, closed)
+            raise
+        except BaseException as exc:
+            error = exc
+            self._deliver(batch, futs, extra, None, exc)
+            raise
+        finally:
+            self._finish(batch, size, start, attempts, error)
+
+    async def _call(self, items: list[Any]) -> Sequence[Any]:
+        """One sink call under ``timeout``, its answer mapped onto ``items``."""
+        if self._timeout is None:
+            result = await self._sink(items)
+        else:
+            deadline = asyncio.timeout(self._timeout)
+            try:
+                async with deadline:
+                    result = await self._sink(items)
+            except TimeoutError:
+                if not deadline.expired():
+                    raise  # the sink's own TimeoutError
+                raise TimeoutError(
+                    f"sink {self._name!r} did not answer within {self._timeout} s "
+                    f"(batch of {len(items)} items)"
+                ) from None
+        return answer_values(self._name, result, items, self._key)
+
+    async def _isolate(
+        self,
+        batch: _Batch,
+        items: list[Any],
+        futs: list[_Fut],
+        extra: list[list[_Fut]] | None,
+        exc: Exception,
+    ) -> tuple[int, BaseException | None]:
+        """Bisect a failed batch so that only items failing alone get an error.
+
+        Halves run one after the other, left first, one try each. Returns the
+        sink calls made and the error of the last item that failed alone
+        (``None`` if in the end every item got a result).
+        """
+        if len(items) == 1:
+            self._deliver(batch, futs, extra, None, exc)
+            return 0, exc
+        calls = 0
+        error: BaseException | None = None
+        mid = len(items) // 2
+        for lo, hi in ((0, mid), (mid, len(items))):
+            part_extra = extra[lo:hi] if extra is not None else None
+            h_items, h_futs, h_extra = self._live(batch, items[lo:hi], futs[lo:hi], part_extra)
+            if not h_items:
+                continue
+            calls += 1
+            try:
+                values = await self._call(h_items)
+            except Exception as half_exc:
+                sub_calls, sub_error = await self._isolate(
+                    batch, h_items, h_futs, h_extra, half_exc
+                )
+                calls += sub_calls
+                error = sub_error or error
+            else:
+                self._deliver(batch, h_futs, h_extra, values, None)
+        return calls, error
+
+    # ----------------------------------------------------------------- results
+
+    def _deliver(
+        self,
+        batch: _Batch,
+        futs: list[_Fut],
+        extra: list[list[_Fut]] | None,
+        values: Sequence[Any] | None,
+        error: BaseException | None,
+    ) -> None:
+        """Resolve callers: ``values[i]`` for slot ``i``, or ``error`` for all.
+
+        Callers that already left (cancelled, expired, dropped) are skipped:
+        a finished future is never touched again.
+        """
+        resolved = failed = 0
+        if values is None:
+            for fut in futs:
+                if fut.done():
+                    self._count_cancelled(batch, fut)
+                    continue
+                fut.set_exception(error)  # type: ignore[arg-type]
+                resolved += 1
+            failed = resolved
+        else:
+            for fut, value in zip(futs, values, strict=True):
+                if fut.done():
+                    self._count_cancelled(batch, fut)
+                    continue
+                resolved += 1
+                if isinstance(value, Exception):
+                    fut.set_exception(value)
+                    failed += 1
+                else:
+                    fut.set_result(value)
+        if extra is not None:
+            for i, waiters in enumerate(extra):
+                value = error if values is None else values[i]
+                for fut in waiters:
+                    if fut.done():
+                        self._count_cancelled(batch, fut)
+                        continue
+                    resolved += 1
+                    if values is None or isinstance(value, Exception):
+                        fut.set_exception(value)  # type: ignore[arg-type]
+                        failed += 1
+                    else:
+                        fut.set_result(value)
+        self._succeeded += resolved - failed
+        self._failed += failed
+
+    def _count_cancelled(self, batch: _Batch, fut: _Fut) -> None:
+        """Count a cancelled caller in ``stats.cancelled``, once."""
+        if not fut.cancelled():
+            return  # expired or dropped: counted when that happened
+        counted = batch.counted
+        if counted is None:
+            counted = batch.counted = set()
+        elif fut in counted:
+            return
+        counted.add(fut)
+        self._cancelled += 1
+
+    def _finish(
+        self,
+        batch: _Batch,
+        size: int,
+        start: float,
+        attempts: int,
+        error: BaseException | None,
+    ) -> None:
+        loop = self._loop
+        assert loop is not None
+        self._busy -= 1
+        self._in_flight -= size
+        self._inflight.pop(batch, None)
+        if self._on_batch is not None:
+            assert batch.reason is not None
+            report = BatchReport(
+                size=size,
+                weight=batch.weight,
+                partition=batch.partition,
+                reason=batch.reason,
+                attempts=attempts,
+                start=start,
+                duration=loop.time() - start,
+                error=error,
+            )
+            try:
+                self._on_batch(report)
+            except Exception as exc:
+                loop.call_exception_handler(
+                    {
+                        "message": f"on_batch callback of {self!r} raised",
+                        "exception": exc,
+                    }
+                )
+        self._signal_done(batch)
+        self._pump()
+
+    def _signal_done(self, batch: _Batch) -> None:
+        if batch.on_done:
+            for waiter in batch.on_done:
+                if not waiter.done():
+                    waiter.set_result(None)
+            batch.on_done = None
+
+    # ---------------------------------------------------- withdrawal and room
+
+    def _withdraw(self, batch: _Batch, fut: _Fut) -> None:
+        """A caller left before its result: release its room if still pending."""
+        if batch.running or self._dedupe:
+            return  # in flight, or the slot may serve other callers: the sweep decides
+        slot = batch.futs.index(fut)
+        if batch.gone is None:
+            batch.gone = set()
+        elif slot in batch.gone:
+            return
+        batch.gone.add(slot)
+        self._pending -= 1
+        self._wake_putters()
+
+    def _expire(self, batch: _Batch, fut: _Fut, timeout: float) -> None:
+        if fut.done():
+            return
+        fut.set_exception(TimeoutError(f"item of {self._name!r} not resolved within {timeout} s"))
+        self._expired += 1
+        self._withdraw(batch, fut)
+
+    def _drop_oldest(self) -> bool:
+        """Free one slot of room, failing the oldest live pending item."""
+        for batch in sorted(self._undispatched(), key=_seq_of):
+            gone = batch.gone
+            for slot, fut in enumerate(batch.futs):
+                if gone is not None and slot in gone:
+                    continue
+                waiters = [fut, *(batch.extra.get(slot, ()) if batch.extra else ())]
+                dropped = 0
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_exception(
+                            QueueFull(
+                                f"dropped by {self!r}: max_pending={self._max_pending} "
+                                "was reached and overflow='drop_oldest' made room for "
+                                "a newer item"
+                            )
+                        )
+                        dropped += 1
+                self._dropped += dropped
+                if batch.gone is None:
+                    batch.gone = set()
+                batch.gone.add(slot)
+                if batch.index is not None:
+                    # Later equal items must not coalesce into the dropped slot.
+                    for k, s in batch.index.items():
+                        if s == slot:
+                            del batch.index[k]
+                            break
+                self._pending -= 1
+                return True
+        return False
+
+    async def _put_when_room(self, item: T, fut: _Fut, deadline: float | None) -> _Batch:
+        """Wait in line for room (``overflow="block"``), or refuse."""
+        if self._overflow == "reject":
+            self._rejected += 1
+            raise QueueFull(self._full_message())
+        loop = self._loop
+        assert loop is not None
+        first = True
+        while True:
+            putter: _Fut = loop.create_future()
+            # FIFO: a woken putter that lost its room to a newcomer keeps its turn.
+            if first:
+                self._putters.append(putter)
+            else:
+                self._putters.appendleft(putter)
+            first = False
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await putter
+            except BaseException as exc:
+                if not putter.done():
+                    putter.cancel()
+                try:
+                    self._putters.remove(putter)
+                except ValueError:
+                    # Woken but leaving: pass the room on to the next in line.
+                    self._wake_putters()
+                if isinstance(exc, TimeoutError):
+                    self._rejected += 1
+                    raise TimeoutError(
+                        f"no room in {self!r} (max_pending={self._max_pending}) "
+                        "within the submit timeout"
+                    ) from None
+                raise
+            if self._state is not _State.RUNNING:
+                raise BatcherClosed(f"{self!r} was closed")
+            batch = self._put(item, fut, waited=True)
+            if batch is not None:
+                return batch
+
+    def _wake_putters(self) -> None:
+        if not self._putters or self._max_pending is None:
+            return
+        room = self._max_pending - self._pending
+        while room > 0 and self._putters:
+            putter = self._putters.popleft()
+            if not putter.done():
+                putter.set_result(None)
+                room -= 1
+
+    def _full_message(self) -> str:
+        return (
+            f"{self!r} is full: max_pending={self._max_pending} items accepted and "
+            f"not yet dispatched (overflow={self._overflow!r})"
+        )
+
+    # ------------------------------------------------------------ slow paths
+
+    async def _submit_with_timeout(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        item: T,
+        fut: _Fut,
+        timeout: float,  # noqa: ASYNC109 - the public per-item timeout
+    ) -> R:
+        _check_number("timeout", timeout, positive=True)
+        deadline = loop.time() + timeout
+        batch = self._put(item, fut)
+        if batch is None:
+            batch = await self._put_when_room(item, fut, deadline)
+        handle = loop.call_at(deadline, self._expire, batch, fut, timeout)
+        try:
+            return await fut  # type: ignore[no-any-return]
+        except asyncio.CancelledError:
+            if fut.cancelled():
+                self._count_cancelled(batch, fut)
+                self._withdraw(batch, fut)
+            raise
+        finally:
+            handle.cancel()
+
+    async def _wait_for(self, batches: list[_Batch]) -> None:
+        loop = self._loop
+        assert loop is not None
+        waiters = []
+        for batch in dict.fromkeys(batches):
+            waiter: _Fut = loop.create_future()
+            if batch.on_done is None:
+                batch.on_done = []
+            batch.on_done.append(waiter)
+            waiters.append(waiter)
+        if waiters:
+            await asyncio.gather(*waiters)
+
+    def _cancel_everything(self) -> None:
+        """``aclose(cancel=True)``: fail what is pending, cancel what runs."""
+        self._cancel_on_close = True
+        closed = BatcherClosed(f"{self!r} was closed with cancel=True before dispatch")
+        for batch in sorted(self._undispatched(), key=_seq_of):
+            if batch.timer is not None:
+                batch.timer.cancel()
+                batch.timer = None
+            batch.running = True
+            self._pending -= len(batch.futs) - (len(batch.gone) if batch.gone else 0)
+            self._submitted += len(batch.futs) + batch.coalesced
+            _, futs, extra = self._live(batch, batch.items, batch.futs, _extra_list(batch))
+            self._deliver(batch, futs, extra, None, closed)
+            self._signal_done(batch)
+        self._open.clear()
+        self._ready.clear()
+        for task in self._inflight.values():
+            task.cancel()
+
+    def _undispatched(self) -> list[_Batch]:
+        return list(dict.fromkeys([*self._open.values(), *self._ready]))
+
+
+def _seq_of(batch: _Batch) -> int:
+    return batch.seq
+
+
+def _extra_list(batch: _Batch) -> list[list[_Fut]] | None:
+    if not batch.extra:
+        return None
+    extra = batch.extra
+    return [extra.get(i, []) for i in range(len(batch.items))]
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+
+
+def _check_number(name: str, value: object, *, positive: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number of seconds, got {value!r}")
+    if math.isnan(value) or (value <= 0 if positive else value < 0):
+        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value!r}")

@@ -1,0 +1,79 @@
+"""Retry policy for failed sink calls: :class:`Retry`.
+
+The dispatcher owns the loop that retries (``_batcher``); this module only
+decides *whether* a failure is retried and *how long* to wait first.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+__all__ = ["Retry"]
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Retry a failed sink call with exponential backoff.
+
+    A sink call fails when the sink raises, when it runs past the batcher's
+    ``timeout`` (``TimeoutError``), or when its answer does not fit the batch
+    (``ResultMismatch``). Such a failure is retried when its type is listed in
+    ``retry_on``; other failures end the batch at once.
+
+    Attributes:
+        attempts: total tries, the first included (``3``: up to 3 sink calls).
+        backoff: delay before the second try, in seconds; it doubles on every
+            further try, up to ``max_backoff``.
+        max_backoff: the cap of that delay.
+        jitter: "full jitter": wait a uniform random time between 0 and the
+            computed delay, so that many batchers do not retry in lockstep.
+        retry_on: exception types that are retried.
+        isolate: when the tries are used up, split the batch in halves,
+            recursively, one try per half, so that only the items that fail
+            on their own get the error (poison-item isolation). With ``k``
+            poison items in a batch of ``n`` this costs ``O(k log n)`` extra
+            sink calls; if every item fails it costs ``2n - 2``.
+
+    Server-directed delays: an exception with a numeric ``retry_after``
+    attribute (seconds, e.g. parsed from HTTP ``Retry-After``) makes the next
+    try wait exactly that long instead of the computed backoff.
+
+    Callers cancelled or expired while their batch waits to be retried are
+    left out of the next try.
+    """
+
+    attempts: int = 3
+    backoff: float = 0.05
+    max_backoff: float = 2.0
+    jitter: bool = True
+    retry_on: tuple[type[BaseException], ...] | type[BaseException] = (Exception,)
+    isolate: bool = False
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError(f"Retry.attempts must be >= 1, got {self.attempts!r}")
+        if self.backoff < 0:
+            raise ValueError(f"Retry.backoff must be >= 0, got {self.backoff!r}")
+        if self.max_backoff < 0:
+            raise ValueError(f"Retry.max_backoff must be >= 0, got {self.max_backoff!r}")
+        retry_on = self.retry_on
+        if isinstance(retry_on, type):
+            retry_on = (retry_on,)
+            object.__setattr__(self, "retry_on", retry_on)
+        if not isinstance(retry_on, tuple) or not all(
+            isinstance(t, type) and issubclass(t, BaseException) for t in retry_on
+        ):
+            raise TypeError(f"Retry.retry_on must be exception types, got {retry_on!r}")
+
+    def retries(self, exc: BaseException) -> bool:
+        """Whether a failure with ``exc`` may be retried at all."""
+        return isinstance(exc, self.retry_on)
+
+    def delay(self, attempt: int, exc: BaseException) -> float:
+        """Seconds to wait before try number ``attempt + 1`` (``attempt >= 1``)."""
+        retry_after = getattr(exc, "retry_after", None)
+        if isinstance(retry_after, int | float) and not isinstance(retry_after, bool):
+            return max(0.0, float(retry_after))
+        delay = min(self.max_backoff, self.backoff * (2.0 ** (attempt - 1)))
+        return random.uniform(0.0, delay) if self.jitter else delay
