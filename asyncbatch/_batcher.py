@@ -15,12 +15,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import enum
+import functools
 import itertools
 import math
 import warnings
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
-from typing import Any, Generic, Literal, TypeAlias, TypeVar, overload
+from typing import Any, Generic, Literal, Self, TypeAlias, TypeVar, overload
 
 from ._exceptions import BatcherClosed, QueueFull
 from ._results import answer_values
@@ -33,7 +34,7 @@ __all__ = ["Batcher", "Overflow", "SinkResult"]
 T = TypeVar("T")
 R = TypeVar("R")
 
-SinkResult: TypeAlias = Sequence[R | BaseException] | Mapping[Any, R | BaseException] | None
+SinkResult: TypeAlias = Sequence[R | Exception] | Mapping[Any, R | Exception] | None
 """What a sink may return for a batch; see :class:`Batcher`."""
 
 Overflow = Literal["block", "reject", "drop_oldest"]
@@ -63,7 +64,9 @@ class _Batch:
     __slots__ = (
         "coalesced",
         "counted",
+        "cursor",
         "extra",
+        "finished",
         "futs",
         "gone",
         "index",
@@ -86,12 +89,14 @@ class _Batch:
         self.reason: DispatchReason | None = None
         self.timer: asyncio.Handle | None = None
         self.running = False
+        self.finished = False
         self.index: dict[Hashable, int] | None = {} if dedupe else None
         self.extra: dict[int, list[_Fut]] | None = None
         self.coalesced = 0
         # Slots whose room under max_pending was already released (their callers
         # all left before dispatch); the dispatch sweep releases the rest.
         self.gone: set[int] | None = None
+        self.cursor = 0  # slots before it are all gone (drop_oldest scans from here)
         # Cancelled futures already counted in stats.cancelled by their caller.
         self.counted: set[_Fut] | None = None
         self.on_done: list[_Fut] | None = None
@@ -167,6 +172,52 @@ class Batcher(Generic[T, R]):
     the next use rebinds.
     """
 
+    __slots__ = (
+        "__weakref__",
+        "_batches",
+        "_busy",
+        "_cancel_on_close",
+        "_cancelled",
+        "_closing",
+        "_deadlines",
+        "_dedupe",
+        "_dispatched_slots",
+        "_dropped",
+        "_expired",
+        "_failed",
+        "_hot_loop",
+        "_in_flight",
+        "_inflight",
+        "_key",
+        "_loop",
+        "_max_concurrency",
+        "_max_pending",
+        "_max_size",
+        "_max_weight",
+        "_name",
+        "_on_batch",
+        "_open",
+        "_overflow",
+        "_partition",
+        "_peak_pending",
+        "_pending",
+        "_plain",
+        "_putters",
+        "_ready",
+        "_reasons",
+        "_rejected",
+        "_retry",
+        "_seq",
+        "_sink",
+        "_soon",
+        "_state",
+        "_submitted",
+        "_succeeded",
+        "_timeout",
+        "_waiting",
+        "_weigh",
+    )
+
     def __init__(
         self,
         sink: Callable[[list[T]], Awaitable[SinkResult[R]]],
@@ -233,10 +284,16 @@ class Batcher(Generic[T, R]):
         # max_wait=0 with no heartbeat: every batch is due at the end of the
         # iteration that opened it, armed with call_soon rather than call_at.
         self._soon = max_wait == 0 and interval is None
+        # Nothing to compute per item but the append: submit inlines it.
+        self._plain = partition is None and not dedupe and weigh is None and max_pending is None
 
         self._state = _State.IDLE
         self._loop: asyncio.AbstractEventLoop | None = None
+        # The bound loop while RUNNING, else None: one identity check per submit
+        # covers both "right loop" and "accepting items".
+        self._hot_loop: asyncio.AbstractEventLoop | None = None
         self._open: dict[Hashable, _Batch] = {}
+        self._waiting: dict[_Batch, None] = {}  # undispatched batches, oldest first
         self._ready: deque[_Batch] = deque()
         self._inflight: dict[_Batch, asyncio.Task[None]] = {}
         self._putters: deque[_Fut] = deque()
@@ -321,16 +378,22 @@ class Batcher(Generic[T, R]):
         Cancellation: cancelling the caller before dispatch withdraws the
         item; after dispatch the result is dropped. Others are not affected.
         """
-        loop = self._loop
-        if loop is not asyncio.get_running_loop() or self._state is not _State.RUNNING:
+        loop = self._hot_loop
+        if loop is None or loop is not asyncio.get_running_loop():
             loop = self._bind()
-        assert loop is not None
         fut: _Fut = loop.create_future()
         if timeout is not None:
             return await self._submit_with_timeout(loop, item, fut, timeout)
-        batch = self._put(item, fut)
-        if batch is None:
-            batch = await self._put_when_room(item, fut, None)
+        if self._plain:  # _put, inlined for the common configuration
+            batch = self._open.get(None) or self._open_batch(None)
+            batch.items.append(item)
+            batch.futs.append(fut)
+            self._pending += 1
+            if len(batch.futs) >= self._max_size:
+                self._seal(batch, "size")
+        else:
+            put = self._put(item, fut)
+            batch = put if put is not None else await self._put_when_room(item, fut, None)
         try:
             return await fut  # type: ignore[no-any-return]
         except asyncio.CancelledError:
@@ -356,10 +419,9 @@ class Batcher(Generic[T, R]):
             BatcherClosed: the batcher is closed.
             RuntimeError: no running loop, or another loop than the bound one.
         """
-        loop = self._loop
-        if loop is not asyncio.get_running_loop() or self._state is not _State.RUNNING:
+        loop = self._hot_loop
+        if loop is None or loop is not asyncio.get_running_loop():
             loop = self._bind()
-        assert loop is not None
         fut: asyncio.Future[R] = loop.create_future()
         if self._put(item, fut) is None:
             self._rejected += 1
@@ -389,10 +451,9 @@ class Batcher(Generic[T, R]):
         the items already accepted are withdrawn and the error is raised.
         Cancelling the call withdraws every item not yet dispatched.
         """
-        loop = self._loop
-        if loop is not asyncio.get_running_loop() or self._state is not _State.RUNNING:
+        loop = self._hot_loop
+        if loop is None or loop is not asyncio.get_running_loop():
             loop = self._bind()
-        assert loop is not None
         futs: list[_Fut] = []
         try:
             for item in items:
@@ -477,6 +538,7 @@ class Batcher(Generic[T, R]):
             await asyncio.shield(self._closing)
             return
         self._state = _State.CLOSING
+        self._hot_loop = None
         self._closing = loop.create_future()
         self._cancel_on_close = cancel
         while self._putters:
@@ -504,7 +566,7 @@ class Batcher(Generic[T, R]):
             self._state = _State.CLOSED
             self._closing.set_result(None)
 
-    async def __aenter__(self) -> Batcher[T, R]:
+    async def __aenter__(self) -> Self:
         """Bind to the running loop; ``async with`` closes (drains) on exit."""
         self._bind()
         return self
@@ -549,7 +611,8 @@ class Batcher(Generic[T, R]):
                 )
             self._open.clear()
             self._ready.clear()
-        self._loop = loop
+            self._waiting.clear()
+        self._loop = self._hot_loop = loop
         self._deadlines.t0 = loop.time()
         self._state = _State.RUNNING
         return loop
@@ -623,6 +686,7 @@ class Batcher(Generic[T, R]):
         assert loop is not None
         batch = _Batch(pkey, next(self._seq), self._dedupe)
         self._open[pkey] = batch
+        self._waiting[batch] = None
         if self._soon:
             batch.timer = loop.call_soon(self._on_timer, batch, "wait")
             return batch
@@ -668,6 +732,7 @@ class Batcher(Generic[T, R]):
             batch.timer.cancel()
             batch.timer = None
         batch.running = True
+        del self._waiting[batch]
         if self._pending > self._peak_pending:
             self._peak_pending = self._pending
         self._pending -= len(batch.futs) - (len(batch.gone) if batch.gone else 0)
@@ -688,6 +753,24 @@ class Batcher(Generic[T, R]):
         task = loop.create_task(self._run(batch, items, futs, extra))
         if not task.done():  # an eager task factory may have finished it already
             self._inflight[batch] = task
+            task.add_done_callback(functools.partial(self._reap, batch, futs, extra))
+
+    def _reap(
+        self,
+        batch: _Batch,
+        futs: list[_Fut],
+        extra: list[list[_Fut]] | None,
+        task: asyncio.Task[None],
+    ) -> None:
+        # A task cancelled before its first step never runs a line of _run, so
+        # its callers would wait forever: resolve them here instead.
+        if batch.finished:
+            return
+        closed = self._call_cancelled()
+        self._deliver(batch, futs, extra, None, closed)
+        loop = self._loop
+        assert loop is not None
+        self._finish(batch, len(futs), loop.time(), 0, closed)
 
     def _live(
         self,
@@ -755,11 +838,7 @@ class Batcher(Generic[T, R]):
                     self._deliver(batch, futs, extra, values, None)
                 break
         except asyncio.CancelledError:
-            closed = BatcherClosed(
-                f"{self!r} was closed with cancel=True while this item's batch was in flight"
-                if self._cancel_on_close
-                else f"the sink call of {self!r} was cancelled"
-            )
+            closed = self._call_cancelled()
             error = closed
             self._deliver(batch, futs, extra, None, closed)
             raise
@@ -769,6 +848,13 @@ class Batcher(Generic[T, R]):
             raise
         finally:
             self._finish(batch, size, start, attempts, error)
+
+    def _call_cancelled(self) -> BatcherClosed:
+        if self._cancel_on_close:
+            return BatcherClosed(
+                f"{self!r} was closed with cancel=True while this item's batch was in flight"
+            )
+        return BatcherClosed(f"the sink call of {self!r} was cancelled")
 
     async def _call(self, items: list[Any]) -> Sequence[Any]:
         """One sink call under ``timeout``, its answer mapped onto ``items``."""
@@ -899,6 +985,7 @@ class Batcher(Generic[T, R]):
     ) -> None:
         loop = self._loop
         assert loop is not None
+        batch.finished = True
         self._busy -= 1
         self._in_flight -= size
         self._inflight.pop(batch, None)
@@ -957,27 +1044,26 @@ class Batcher(Generic[T, R]):
 
     def _drop_oldest(self) -> bool:
         """Free one slot of room, failing the oldest live pending item."""
-        for batch in sorted(self._undispatched(), key=_seq_of):
+        for batch in self._waiting:
             gone = batch.gone
-            for slot, fut in enumerate(batch.futs):
+            futs = batch.futs
+            for slot in range(batch.cursor, len(futs)):
                 if gone is not None and slot in gone:
                     continue
-                waiters = [fut, *(batch.extra.get(slot, ()) if batch.extra else ())]
-                dropped = 0
-                for waiter in waiters:
+                batch.cursor = slot + 1
+                dropped = QueueFull(
+                    f"dropped by {self!r}: max_pending={self._max_pending} was reached "
+                    "and overflow='drop_oldest' made room for a newer item"
+                )
+                extra = batch.extra.pop(slot, ()) if batch.extra else ()
+                for waiter in (futs[slot], *extra):
                     if not waiter.done():
-                        waiter.set_exception(
-                            QueueFull(
-                                f"dropped by {self!r}: max_pending={self._max_pending} "
-                                "was reached and overflow='drop_oldest' made room for "
-                                "a newer item"
-                            )
-                        )
-                        dropped += 1
-                self._dropped += dropped
-                if batch.gone is None:
-                    batch.gone = set()
-                batch.gone.add(slot)
+                        waiter.set_exception(dropped)
+                        self._dropped += 1
+                if gone is None:
+                    gone = batch.gone = set()
+                gone.add(slot)
+                batch.items[slot] = None  # the sink will never see it: let it go
                 if batch.index is not None:
                     # Later equal items must not coalesce into the dropped slot.
                     for k, s in batch.index.items():
@@ -985,8 +1071,19 @@ class Batcher(Generic[T, R]):
                             del batch.index[k]
                             break
                 self._pending -= 1
+                if len(gone) == len(futs) and self._open.get(batch.partition) is not batch:
+                    self._retire(batch)
                 return True
         return False
+
+    def _retire(self, batch: _Batch) -> None:
+        """Forget a sealed batch none of whose items is left to dispatch."""
+        del self._waiting[batch]
+        self._ready.remove(batch)
+        batch.running = True
+        self._submitted += len(batch.futs) + batch.coalesced
+        self._live(batch, batch.items, batch.futs, _extra_list(batch))  # counts cancellations
+        self._signal_done(batch)
 
     async def _put_when_room(self, item: T, fut: _Fut, deadline: float | None) -> _Batch:
         """Wait in line for room (``overflow="block"``), or refuse."""
@@ -1086,7 +1183,7 @@ class Batcher(Generic[T, R]):
         """``aclose(cancel=True)``: fail what is pending, cancel what runs."""
         self._cancel_on_close = True
         closed = BatcherClosed(f"{self!r} was closed with cancel=True before dispatch")
-        for batch in sorted(self._undispatched(), key=_seq_of):
+        for batch in self._undispatched():
             if batch.timer is not None:
                 batch.timer.cancel()
                 batch.timer = None
@@ -1098,15 +1195,12 @@ class Batcher(Generic[T, R]):
             self._signal_done(batch)
         self._open.clear()
         self._ready.clear()
+        self._waiting.clear()
         for task in self._inflight.values():
             task.cancel()
 
     def _undispatched(self) -> list[_Batch]:
-        return list(dict.fromkeys([*self._open.values(), *self._ready]))
-
-
-def _seq_of(batch: _Batch) -> int:
-    return batch.seq
+        return list(self._waiting)
 
 
 def _extra_list(batch: _Batch) -> list[list[_Fut]] | None:

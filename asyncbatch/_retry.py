@@ -6,6 +6,7 @@ decides *whether* a failure is retried and *how long* to wait first.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -37,7 +38,8 @@ class Retry:
 
     Server-directed delays: an exception with a numeric ``retry_after``
     attribute (seconds, e.g. parsed from HTTP ``Retry-After``) makes the next
-    try wait exactly that long instead of the computed backoff.
+    try wait exactly that long instead of the computed backoff (a negative
+    value counts as 0; ``inf`` or ``nan`` is ignored).
 
     Callers cancelled or expired while their batch waits to be retried are
     left out of the next try.
@@ -73,7 +75,11 @@ class Retry:
     def delay(self, attempt: int, exc: BaseException) -> float:
         """Seconds to wait before try number ``attempt + 1`` (``attempt >= 1``)."""
         retry_after = getattr(exc, "retry_after", None)
-        if isinstance(retry_after, int | float) and not isinstance(retry_after, bool):
+        if (
+            isinstance(retry_after, int | float)
+            and not isinstance(retry_after, bool)
+            and math.isfinite(retry_after)
+        ):
             return max(0.0, float(retry_after))
         delay = min(self.max_backoff, self.backoff * (2.0 ** (attempt - 1)))
         return random.uniform(0.0, delay) if self.jitter else delay

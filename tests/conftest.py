@@ -9,6 +9,7 @@ loops derived from ``asyncio.BaseEventLoop``; they skip uvloop.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import sys
 from collections.abc import Callable, Mapping
 
@@ -45,3 +46,13 @@ def pytest_asyncio_loop_factories(
     if item.get_closest_marker("looptime") is not None:
         return {name: f for name, f in FLAVOURS.items() if name != "uvloop"}
     return FLAVOURS
+
+
+@pytest.fixture(autouse=True)
+def _no_implicit_event_loop(request: pytest.FixtureRequest) -> None:
+    # The looptime plugin asks the policy for the current loop before every
+    # test; in a sync test on Python < 3.12 that creates a loop nobody closes,
+    # whose ResourceWarning later fails an unrelated test. With the loop unset
+    # the policy raises instead, which looptime takes as "not mine".
+    if not inspect.iscoroutinefunction(request.function):
+        asyncio.set_event_loop(None)

@@ -161,3 +161,27 @@ async def test_sink_that_hangs_does_not_block_cancel_close() -> None:
     await b.aclose(cancel=True)
     results = await asyncio.gather(*futs, return_exceptions=True)
     assert all(isinstance(r, BatcherClosed) for r in results)
+
+
+async def test_drop_oldest_under_sustained_overflow_stays_bounded() -> None:
+    gate = asyncio.Event()
+
+    async def stalled(items: list[int]) -> list[int]:
+        await gate.wait()
+        return items
+
+    b = Batcher(stalled, max_size=10, max_pending=100, overflow="drop_oldest")
+    futs = [b.submit_nowait(i) for i in range(20_000)]
+    await settle()
+    # retired batches are forgotten: only the live ones stay referenced
+    assert len(b._waiting) <= 100 // 10 + 2
+    assert b.stats.pending == 100
+    gate.set()
+    results = await asyncio.gather(*futs, return_exceptions=True)
+    survivors = [r for r in results if not isinstance(r, QueueFull)]
+    # the first batch was already in flight; the newest 100 survived
+    assert survivors == list(range(10)) + list(range(19_900, 20_000))
+    s = b.stats
+    assert s.dropped == 20_000 - 110
+    assert s.submitted == s.succeeded + s.dropped
+    await b.aclose()

@@ -225,6 +225,17 @@ async def test_isolation_skips_callers_that_left() -> None:
     await b.aclose()
 
 
+def test_non_finite_retry_after_falls_back_to_backoff() -> None:
+    retry = Retry(backoff=0.5, jitter=False)
+    for bad in (math.inf, math.nan, True):
+        exc = Exception()
+        exc.retry_after = bad  # type: ignore[attr-defined]
+        assert retry.delay(1, exc) == 0.5
+    exc = Exception()
+    exc.retry_after = -3  # type: ignore[attr-defined]
+    assert retry.delay(1, exc) == 0.0
+
+
 def test_retry_validation() -> None:
     with pytest.raises(ValueError, match="attempts must be >= 1"):
         Retry(attempts=0)

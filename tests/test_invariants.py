@@ -1,0 +1,270 @@
+"""Randomized fault injection against DESIGN.md's invariants.
+
+Hypothesis draws a batcher configuration, a schedule of callers (submit with
+and without timeouts, submit_nowait, submit_many, cancellations, flushes, a
+close in the middle or at the end) and a sink that randomly answers, fails,
+returns per-item errors or the wrong shape, and stalls. Each run happens on a
+fresh virtual-time loop (looptime), so stalls cost no real time. After every
+run the invariants are checked:
+
+1. every accepted caller is resolved exactly once (no InvalidStateError, no
+   future left pending, counters add up);
+2. no item reaches the sink twice unless ``retry`` is on;
+3. each caller receives the result computed for its own item;
+4. per partition, batches are dispatched in the order they became due;
+5. (loop binding is covered in test_lifecycle);
+6. after ``aclose()`` no task, timer or future of the batcher is left, and the
+   loop's exception handler saw nothing ("exception was never retrieved",
+   "Task was destroyed but it is pending", errors inside callbacks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import random
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import looptime
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from asyncbatch import Batcher, BatcherClosed, QueueFull, ResultMismatch, Retry
+
+from .support import live_timers
+
+
+class SinkError(Exception):
+    pass
+
+
+class ItemError(Exception):
+    pass
+
+
+Item = tuple[int, int]  # (caller id, key)
+
+
+@dataclass
+class World:
+    rng: random.Random
+    timeout: float | None
+    calls: list[list[Item]] = field(default_factory=list)
+    first_calls: list[list[Item]] = field(default_factory=list)
+    seen_ids: set[int] = field(default_factory=set)
+
+    async def sink(self, items: list[Item]) -> Any:
+        self.calls.append(list(items))
+        fresh = [it for it in items if it[0] not in self.seen_ids]
+        if len(fresh) == len(items):
+            self.first_calls.append(list(items))
+        self.seen_ids.update(it[0] for it in items)
+        roll = self.rng.random()
+        if roll < 0.15:
+            await asyncio.sleep(self.rng.uniform(0, 2))
+        elif roll < 0.2 and self.timeout is not None:
+            await asyncio.sleep(1000)  # only the sink timeout ends this
+        roll = self.rng.random()
+        if roll < 0.12:
+            raise SinkError("sink failed")
+        if roll < 0.17:
+            return [("ok", key) for _, key in items][1:]  # wrong length
+        if roll < 0.22:
+            return {key: ("ok", key) for _, key in items[1:]}  # mapping, one key missing
+        if roll < 0.35:
+            return [ItemError(key) if self.rng.random() < 0.3 else ("ok", key) for _, key in items]
+        return [("ok", key) for _, key in items]
+
+
+configs = st.fixed_dictionaries(
+    {
+        "max_size": st.integers(1, 8),
+        "max_wait": st.sampled_from([0.0, 0.05, 0.5]),
+        "interval": st.sampled_from([None, None, 0.3]),
+        "max_concurrency": st.integers(1, 3),
+        "max_pending": st.sampled_from([None, None, 3, 10]),
+        "overflow": st.sampled_from(["block", "reject", "drop_oldest"]),
+        "dedupe": st.booleans(),
+        "partitions": st.sampled_from([1, 1, 3]),
+        "timeout": st.sampled_from([None, 1.5]),
+        "retry": st.sampled_from([None, None, 2, 3]),
+        "isolate": st.booleans(),
+    }
+)
+
+op = st.one_of(
+    st.tuples(
+        st.just("submit"),
+        st.integers(0, 5),
+        st.sampled_from([None, None, 0.2, 2.0]),  # per-item timeout
+        st.sampled_from([None, None, None, 0.0, 0.1, 1.0]),  # cancel after
+    ),
+    st.tuples(st.just("nowait"), st.integers(0, 5), st.sampled_from([None, None, 0.0, 0.5])),
+    st.tuples(st.just("many"), st.lists(st.integers(0, 5), min_size=1, max_size=4)),
+    st.tuples(st.just("flush")),
+    st.tuples(st.just("close"), st.booleans()),
+)
+schedules = st.lists(st.tuples(st.sampled_from([0.0, 0.0, 0.01, 0.2, 1.0]), op), max_size=40)
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(config=configs, schedule=schedules, seed=st.integers(0, 2**32), final_cancel=st.booleans())
+def test_every_item_is_resolved_exactly_once(
+    config: dict[str, Any],
+    schedule: list[tuple[float, tuple[Any, ...]]],
+    seed: int,
+    final_cancel: bool,
+) -> None:
+    with asyncio.Runner(loop_factory=looptime.new_event_loop) as runner:
+        runner.run(_watchdog(_scenario(config, schedule, seed, final_cancel)))
+    gc.collect()
+
+
+async def _watchdog(scenario: Coroutine[Any, Any, None]) -> None:
+    # A deadlock leaves the virtual clock nothing to jump to: this deadline
+    # turns it into a failure that hypothesis can shrink.
+    async with asyncio.timeout(10_000):
+        await scenario
+
+
+async def _scenario(
+    config: dict[str, Any],
+    schedule: list[tuple[float, tuple[Any, ...]]],
+    seed: int,
+    final_cancel: bool,
+) -> None:
+    loop = asyncio.get_running_loop()
+    handler_calls: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, ctx: handler_calls.append(ctx))
+    world = World(random.Random(seed), config["timeout"])
+    retry = None
+    if config["retry"] is not None:
+        retry = Retry(attempts=config["retry"], backoff=0.05, isolate=config["isolate"])
+    partitions = config["partitions"]
+    b: Batcher[Item, Any] = Batcher(
+        world.sink,
+        max_size=config["max_size"],
+        max_wait=config["max_wait"],
+        interval=config["interval"],
+        max_concurrency=config["max_concurrency"],
+        max_pending=config["max_pending"],
+        overflow=config["overflow"],
+        key=lambda it: it[1],
+        dedupe=config["dedupe"],
+        partition=(lambda it: it[1] % partitions) if partitions > 1 else None,
+        timeout=config["timeout"],
+        retry=retry,
+    )
+    ids = iter(range(10**6))
+    callers: list[tuple[Item, asyncio.Future[Any]]] = []
+    tasks: list[asyncio.Task[Any]] = []
+    refused = 0
+    our_timers: list[asyncio.TimerHandle] = []
+
+    def cancel_later(fut: asyncio.Future[Any], after: float | None) -> None:
+        if after is not None:
+            our_timers.append(loop.call_later(after, fut.cancel))
+
+    async def caller(key: int, deadline: float | None) -> Any:
+        # The id is taken when the submit really happens, so ids follow
+        # acceptance order (FIFO check below).
+        item = (next(ids), key)
+        accepted.append(item)
+        return item, await b.submit(item, timeout=deadline)
+
+    async def many(keys: list[int]) -> Any:
+        items = [(next(ids), key) for key in keys]
+        return await b.submit_many(items, return_exceptions=True)
+
+    accepted: list[Item] = []
+    for gap, (kind, *args) in schedule:
+        if gap:
+            await asyncio.sleep(gap)
+        if kind == "submit":
+            key, timeout, cancel_after = args
+            task = asyncio.ensure_future(caller(key, timeout))
+            cancel_later(task, cancel_after)
+            callers.append(((-1, key), task))
+        elif kind == "nowait":
+            key, cancel_after = args
+            item = (next(ids), key)
+            try:
+                fut = b.submit_nowait(item)
+            except (QueueFull, BatcherClosed):
+                refused += 1
+                continue
+            cancel_later(fut, cancel_after)
+            callers.append((item, fut))
+        elif kind == "many":
+            tasks.append(asyncio.ensure_future(many(args[0])))
+        elif kind == "flush":
+            tasks.append(asyncio.ensure_future(b.flush()))
+        else:
+            tasks.append(asyncio.ensure_future(b.aclose(cancel=args[0])))
+
+    await b.aclose(cancel=final_cancel)
+    for handle in our_timers:
+        handle.cancel()
+    outcomes = await asyncio.gather(*(fut for _, fut in callers), *tasks, return_exceptions=True)
+
+    # 1. exactly once: everything finished, counters add up, nothing pending
+    assert all(fut.done() for _, fut in callers)
+    s = b.stats
+    assert s.pending == 0
+    assert s.in_flight == 0
+    assert s.submitted == s.succeeded + s.failed + s.cancelled + s.expired + s.dropped
+    observed_ok = 0
+    for (item, _), outcome in zip(callers, outcomes, strict=False):
+        # 3. the right result for the right caller
+        if isinstance(outcome, tuple) and outcome[0] != "ok":
+            (_, key), outcome = outcome  # a submit() caller: (its item, its result)
+            item = (-1, key)
+        if isinstance(outcome, tuple):
+            assert outcome == ("ok", item[1])
+            observed_ok += 1
+        elif isinstance(outcome, ItemError):
+            assert outcome.args == (item[1],)
+        else:
+            assert isinstance(
+                outcome,
+                SinkError
+                | ResultMismatch
+                | TimeoutError
+                | QueueFull
+                | BatcherClosed
+                | asyncio.CancelledError,
+            ), outcome
+    assert observed_ok <= s.succeeded
+    # 2. no item twice without retry
+    if retry is None:
+        sent = [it[0] for call in world.calls for it in call]
+        assert len(sent) == len(set(sent))
+    # 4. FIFO per partition (first calls; blocking may reorder acceptance)
+    if config["max_pending"] is None:
+        for part in range(partitions):
+            order = [
+                it[0] for call in world.first_calls for it in call if it[1] % partitions == part
+            ]
+            if not config["dedupe"]:
+                assert order == sorted(order)
+    # 6. nothing left behind
+    current = asyncio.current_task()
+    leftovers = [t for t in asyncio.all_tasks() if t is not current]
+    assert leftovers == [], leftovers
+    assert [h for h in live_timers(loop) if isinstance(_owner(h), Batcher)] == []
+    del callers, outcomes, tasks
+    gc.collect()
+    await asyncio.sleep(0)
+    assert handler_calls == [], handler_calls
+
+
+def _owner(handle: asyncio.TimerHandle) -> object:
+    callback = getattr(handle, "_callback", None)
+    return getattr(callback, "__self__", None)
