@@ -8,11 +8,18 @@ Layout (public names are re-exported here; everything else is private):
 - ``_retry``       Retry: which failures are retried, and after how long
 - ``_stats``       BatcherStats snapshots and per-batch BatchReports
 - ``_exceptions``  the AsyncBatchError tree
+- ``_decorator``   @batch: a batcher per loop (and per instance) behind a function
+- ``contrib/``     optional integrations (``bulkapi``, ``httpx``); never imported here
 """
 
 from ._batcher import Batcher as Batcher
 from ._batcher import Overflow as Overflow
 from ._batcher import SinkResult as SinkResult
+from ._decorator import BatchedFunction as BatchedFunction
+from ._decorator import BatchedMethod as BatchedMethod
+from ._decorator import BatchOptions as BatchOptions
+from ._decorator import BoundBatchedMethod as BoundBatchedMethod
+from ._decorator import batch as batch
 from ._exceptions import AsyncBatchError as AsyncBatchError
 from ._exceptions import BatcherClosed as BatcherClosed
 from ._exceptions import QueueFull as QueueFull
@@ -26,16 +33,21 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncBatchError",
+    "BatchOptions",
     "BatchReport",
+    "BatchedFunction",
+    "BatchedMethod",
     "Batcher",
     "BatcherClosed",
     "BatcherStats",
+    "BoundBatchedMethod",
     "DispatchReason",
     "Overflow",
     "QueueFull",
     "ResultMismatch",
     "Retry",
     "SinkResult",
+    "batch",
 ]
 
 # Public objects say ``asyncbatch.X`` in reprs and tracebacks, not the private module.

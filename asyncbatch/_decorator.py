@@ -1,0 +1,578 @@
+"""``@batch``: write the batch function, call it one item at a time.
+
+::
+
+    @batch(max_size=64, max_wait=0.01)
+    async def embed(texts: list[str]) -> list[Vector]: ...
+
+    v = await embed("hello")  # one item in, its own result out
+
+The decorated function becomes the *sink* of a :class:`Batcher` that the
+wrapper creates on first use. Where that batcher lives:
+
+- on a plain function, one batcher per event loop: a :class:`Batcher` binds to
+  one loop, and a function is shared by every loop of the process (tests that
+  call ``asyncio.run`` repeatedly, a worker thread running its own loop);
+- on a method, one batcher per instance and event loop. The per-instance
+  batchers are kept on the method (keyed by the instance's ``id``, cleaned up
+  by a weak reference when the instance dies), not on the instance, so they
+  neither keep it alive nor travel with ``copy``/``pickle``; the instances
+  must support weak references (a class with ``__slots__`` needs
+  ``"__weakref__"`` in them).
+
+Entries of loops that have been closed are dropped whenever a new batcher is
+created, so repeated ``asyncio.run`` calls do not pile batchers up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import weakref
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
+from typing import Any, Generic, Literal, Self, TypedDict, TypeVar, Unpack, overload
+
+from ._batcher import Batcher, Overflow
+from ._retry import Retry
+from ._stats import BatcherStats, BatchReport
+
+__all__ = ["BatchOptions", "BatchedFunction", "BatchedMethod", "BoundBatchedMethod", "batch"]
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+_S = TypeVar("_S")
+
+_Sink = Callable[[list[Any]], Awaitable[Any]]
+
+
+class BatchOptions(TypedDict, total=False):
+    """The keyword options of :class:`Batcher`, all optional, as ``@batch`` takes them.
+
+    Only the options you pass are forwarded, so every default is the
+    batcher's own. ``name`` defaults to the decorated function's
+    ``__qualname__``. The per-item callables (``weigh``, ``key``,
+    ``partition``) are typed on ``Any`` items: their item type is not checked
+    against the decorated function's.
+    """
+
+    max_size: int
+    max_wait: float | None
+    interval: float | None
+    max_weight: float | None
+    weigh: Callable[[Any], float] | None
+    max_concurrency: int
+    max_pending: int | None
+    overflow: Overflow
+    key: Callable[[Any], Hashable] | None
+    dedupe: bool
+    partition: Callable[[Any], Hashable] | None
+    timeout: float | None
+    retry: Retry | None
+    on_batch: Callable[[BatchReport], object] | None
+    name: str | None
+
+
+# What the wrapper reports to ``inspect.signature``: the call it takes, not the
+# batch function's (which ``__wrapped__`` would otherwise lead it to).
+_ITEM = inspect.Parameter("item", inspect.Parameter.POSITIONAL_ONLY)
+_TIMEOUT = inspect.Parameter("timeout", inspect.Parameter.KEYWORD_ONLY, default=None)
+_SELF = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+_FUNCTION_SIGNATURE = inspect.Signature([_ITEM, _TIMEOUT])
+_METHOD_SIGNATURE = inspect.Signature([_SELF, _ITEM, _TIMEOUT])
+
+# Copied by ``functools.update_wrapper``; ``__annotations__`` is left out on
+# purpose: the wrapper takes one item, not the list the annotations describe.
+_ASSIGNED = ("__module__", "__name__", "__qualname__", "__doc__")
+
+
+class _Batchers(Generic[_T, _R]):
+    """The batchers of one sink (a function, or a method bound to one instance), one per loop.
+
+    ``_live`` holds the open batcher of each loop: the only lookup on the hot
+    path. ``aclose()`` moves a loop's batcher to ``_closed``, where ``stats``
+    (and a ``flush`` or second ``aclose`` racing the drain) still find it
+    until the next call on that loop starts a fresh one. Batchers are closed
+    only through ``aclose()`` here (they are not handed out), so an entry of
+    ``_live`` is always open.
+    """
+
+    __slots__ = ("_closed", "_latest", "_live", "_make")
+
+    def __init__(self, make: Callable[[], Batcher[_T, _R]]) -> None:
+        self._make = make
+        self._live: dict[asyncio.AbstractEventLoop, Batcher[_T, _R]] = {}
+        self._closed: dict[asyncio.AbstractEventLoop, Batcher[_T, _R]] = {}
+        self._latest: Batcher[_T, _R] | None = None
+
+    def current(self) -> Batcher[_T, _R]:
+        """The running loop's open batcher, created if there is none."""
+        loop = asyncio.get_running_loop()
+        batcher = self._live.get(loop)
+        if batcher is None:
+            batcher = self._start(loop)
+        return batcher
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> Batcher[_T, _R]:
+        # Rare path: first call on this loop, or first call after ``aclose()``.
+        # Forget the batchers of closed loops here: no loop can run them again.
+        # (``list()`` copies a dict atomically; another thread may be running
+        # its own loop through the same wrapper.)
+        for table in (self._live, self._closed):
+            for other in [other for other in list(table) if other.is_closed()]:
+                table.pop(other, None)
+        self._closed.pop(loop, None)
+        batcher = self._make()
+        self._live[loop] = batcher
+        self._latest = batcher
+        return batcher
+
+    @property
+    def stats(self) -> BatcherStats:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            batcher = self._latest
+        else:
+            batcher = self._live.get(loop)
+            if batcher is None:
+                batcher = self._closed.get(loop)
+        return BatcherStats() if batcher is None else batcher.stats
+
+    async def flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        # The open batcher, and the one an ``aclose()`` may still be draining
+        # (its flush waits for that drain).
+        for batcher in (self._live.get(loop), self._closed.get(loop)):
+            if batcher is not None:
+                await batcher.flush()
+
+    async def aclose(self, cancel: bool) -> None:
+        loop = asyncio.get_running_loop()
+        batcher = self._live.pop(loop, None)
+        if batcher is None:
+            # Closed already, maybe still draining: ``Batcher.aclose`` waits
+            # for that close to finish (a no-op once it has).
+            batcher = self._closed.get(loop)
+            if batcher is None:
+                return
+        else:
+            self._closed[loop] = batcher
+        await batcher.aclose(cancel=cancel)
+
+
+class _Wrapper(Generic[_T, _R]):
+    """What the function and the bound-method wrappers share: calls and lifecycle."""
+
+    __slots__ = ("_state",)
+
+    _state: _Batchers[_T, _R]
+
+    async def __call__(self, item: _T, /, *, timeout: float | None = None) -> _R:  # noqa: ASYNC109
+        """Submit one item to the running loop's batcher and wait for its own result.
+
+        This is :meth:`Batcher.submit`: it returns the item's result or raises
+        the item's own error (the sink's exception, ``ResultMismatch``,
+        ``QueueFull``, ``TimeoutError`` when ``timeout`` seconds pass first).
+        Cancelling the caller before its batch is dispatched withdraws the
+        item. The batcher is created on the first call in each loop, and again
+        on the first call after :meth:`aclose`.
+        """
+        return await self._state.current().submit(item, timeout=timeout)
+
+    @overload
+    async def submit_many(
+        self, items: Iterable[_T], *, return_exceptions: Literal[False] = False
+    ) -> list[_R]: ...
+    @overload
+    async def submit_many(
+        self, items: Iterable[_T], *, return_exceptions: bool
+    ) -> list[_R | BaseException]: ...
+    async def submit_many(
+        self, items: Iterable[_T], *, return_exceptions: bool = False
+    ) -> list[_R] | list[_R | BaseException]:
+        """Submit several items at once: :meth:`Batcher.submit_many`.
+
+        Returns the results in input order; without ``return_exceptions`` it
+        raises the first failure in input order once every item is resolved.
+        """
+        batcher = self._state.current()
+        if return_exceptions:
+            return await batcher.submit_many(items, return_exceptions=True)
+        return await batcher.submit_many(items)
+
+    async def flush(self) -> None:
+        """Dispatch what the running loop's batcher holds now and wait for it.
+
+        :meth:`Batcher.flush` on this loop's batcher: it waits for every batch
+        holding an item submitted before the call, in flight ones included.
+        If an :meth:`aclose` of this loop's batcher is still draining, it also
+        waits for that drain. A no-op when this loop has no batcher (the
+        wrapper was not called on it yet) or only a closed one.
+        """
+        await self._state.flush()
+
+    async def aclose(self, *, cancel: bool = False) -> None:
+        """Close the running loop's batcher: :meth:`Batcher.aclose`.
+
+        Drains what it holds (``cancel=True``: fails it with ``BatcherClosed``
+        and cancels the sink calls in flight) and waits for it. The wrapper
+        stays usable: the next call on this loop, including one made while
+        this close is still draining, starts a fresh batcher. Batchers of
+        other loops are not touched. A no-op when this loop has no batcher.
+        """
+        await self._state.aclose(cancel)
+
+    @property
+    def stats(self) -> BatcherStats:
+        """A snapshot of the counters of the running loop's batcher.
+
+        After :meth:`aclose` it is the closed batcher's final snapshot, until
+        the next call starts a fresh batcher (whose counters start at zero).
+        All zero if the wrapper has not been called on this loop. Read outside
+        any running loop (a metrics thread, or after ``asyncio.run``), it is
+        the snapshot of the batcher created last, on whichever loop.
+        """
+        return self._state.stats
+
+
+class BatchedFunction(_Wrapper[_T, _R]):
+    """A batch function made callable one item at a time: what ``@batch`` returns.
+
+    ``await f(item)`` submits ``item`` to the running loop's batcher (one per
+    event loop, created on first use) and returns its own result. ``flush()``,
+    ``aclose()`` and ``stats`` act on the running loop's batcher.
+    ``__name__``, ``__qualname__``, ``__doc__``, ``__module__`` and
+    ``__wrapped__`` are the batch function's.
+
+    Like ``staticmethod``, it does not bind when stored on a class: ``@batch``
+    on a method (``self, items``) makes a :class:`BatchedMethod` instead.
+    """
+
+    __slots__ = ("__dict__",)
+
+    __name__: str
+    __qualname__: str
+    __wrapped__: Callable[..., Any]
+
+    def __init__(self, fn: _Sink, options: BatchOptions) -> None:
+        self._state = _Batchers(functools.partial(Batcher, fn, **options))
+        functools.update_wrapper(self, fn, assigned=_ASSIGNED)
+        self.__signature__ = _FUNCTION_SIGNATURE
+
+    def __repr__(self) -> str:
+        return f"<batched function {self.__qualname__}>"
+
+    def __reduce__(self) -> str:
+        # Pickled (and copied) by reference, like a function: by its name.
+        return self.__qualname__
+
+
+class BatchedMethod(Generic[_S, _T, _R]):
+    """A batch method made callable one item at a time: what ``@batch`` returns
+    for ``async def m(self, items)``.
+
+    ``obj.m`` is a :class:`BoundBatchedMethod`; ``await obj.m(item)`` submits
+    to the batcher of ``obj`` on the running loop (one per instance and
+    loop). ``Cls.m(obj, item)`` does the same. The batchers are not stored on
+    the instance and do not keep it alive; the instance must support weak
+    references.
+    """
+
+    __slots__ = ("__dict__", "_fn", "_instances", "_options")
+
+    __name__: str
+    __qualname__: str
+    __wrapped__: Callable[..., Any]
+
+    def __init__(self, fn: Callable[[Any, list[Any]], Awaitable[Any]], options: BatchOptions):
+        self._fn = fn
+        self._options = options
+        self._instances: dict[int, _Batchers[_T, _R]] = {}
+        functools.update_wrapper(self, fn, assigned=_ASSIGNED)
+        self.__signature__ = _METHOD_SIGNATURE
+
+    @overload
+    def __get__(self, instance: None, owner: type[Any] | None = None) -> Self: ...
+    @overload
+    def __get__(
+        self, instance: _S, owner: type[Any] | None = None
+    ) -> BoundBatchedMethod[_T, _R]: ...
+    def __get__(
+        self, instance: _S | None, owner: type[Any] | None = None
+    ) -> Self | BoundBatchedMethod[_T, _R]:
+        if instance is None:
+            return self
+        return BoundBatchedMethod(self, instance, self._batchers_of(instance))
+
+    async def __call__(
+        self,
+        instance: _S,
+        item: _T,
+        /,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - the batcher's per-item timeout
+    ) -> _R:
+        """``Cls.m(obj, item)``: the same as ``obj.m(item)``."""
+        return await self._batchers_of(instance).current().submit(item, timeout=timeout)
+
+    def _batchers_of(self, instance: object) -> _Batchers[_T, _R]:
+        batchers = self._instances.get(id(instance))
+        if batchers is None:
+            batchers = self._track(instance)
+        return batchers
+
+    def _track(self, instance: object) -> _Batchers[_T, _R]:
+        # Keyed by ``id``: instances need not be hashable. An entry cannot
+        # outlive its instance, so no other object can come to share its id:
+        # the weak reference's callback removes it while the instance is
+        # being deallocated, before its memory (and id) can be reused.
+        key = id(instance)
+        instances = self._instances
+        try:
+            ref = weakref.ref(instance, lambda _: instances.pop(key, None))
+        except TypeError:
+            cls = type(instance).__qualname__
+            raise TypeError(
+                f"@batch method {self.__qualname__!r} keeps one batcher per instance and "
+                f"needs weak references to the instance, which {cls!r} does not support; "
+                f"add '__weakref__' to {cls}.__slots__"
+            ) from None
+        fn = self._fn
+
+        # The sink holds the instance weakly: the method's table of batchers
+        # lives as long as the class, and must not keep its instances alive.
+        # A waiting caller holds the bound method (and so the instance) until
+        # its item is resolved, so the instance outlives every batch that
+        # still has a caller.
+        @functools.wraps(fn)
+        async def sink(items: list[Any]) -> Any:
+            obj = ref()
+            if obj is None:  # pragma: no cover - every caller of the batch is gone
+                raise ReferenceError(
+                    f"the instance of {self.__qualname__!r} was garbage-collected "
+                    "before its batch ran"
+                )
+            return await fn(obj, items)
+
+        # ``ref`` (and so its callback) lives as long as this entry: the sink
+        # holds it. ``setdefault``: if two threads race to make the first
+        # entry of one instance, both use the winner's.
+        batchers: _Batchers[_T, _R] = _Batchers(functools.partial(Batcher, sink, **self._options))
+        return instances.setdefault(key, batchers)
+
+    def __repr__(self) -> str:
+        return f"<batched method {self.__qualname__}>"
+
+    def __reduce__(self) -> str:
+        # Pickled (and copied) by reference, like a function: by its name.
+        return self.__qualname__
+
+
+class _Split:
+    """A class attribute with one value on the class and another, computed, on
+    its instances (``MethodType`` reads ``__doc__`` from its function too)."""
+
+    def __init__(self, on_class: object, on_instance: Callable[[Any], object]) -> None:
+        self._on_class = on_class
+        self._on_instance = on_instance
+
+    def __get__(self, instance: object, owner: object = None) -> Any:
+        if instance is None:
+            return self._on_class
+        return self._on_instance(instance)
+
+
+_BOUND_SLOTS = ("__func__", "__self__")
+
+
+class BoundBatchedMethod(_Wrapper[_T, _R]):
+    """A :class:`BatchedMethod` bound to one instance: ``obj.m``.
+
+    ``await obj.m(item)`` submits to the batcher of ``obj`` on the running
+    loop; ``flush()``, ``aclose()`` and ``stats`` act on that batcher only.
+    Like a bound method, it holds the instance (``__self__``) and the method
+    (``__func__``), and is made afresh on every attribute access; two of them
+    are equal when they bind the same method to the same instance. Other
+    attributes (``__name__``, ``__wrapped__``, ...) are the method's.
+    """
+
+    __slots__ = _BOUND_SLOTS
+
+    # On instances, the method's docstring and the one-item call signature; on
+    # the class, its own docstring and ``None`` (so ``inspect.signature`` of
+    # the class still reads ``__init__``).
+    __doc__ = _Split(__doc__, lambda bound: bound.__func__.__doc__)
+    __signature__ = _Split(None, lambda bound: _FUNCTION_SIGNATURE)
+
+    def __init__(
+        self, method: BatchedMethod[Any, _T, _R], instance: object, state: _Batchers[_T, _R]
+    ) -> None:
+        # Declared here, not in the class body: there mypy would read a
+        # ``BatchedMethod`` attribute through its ``__get__``.
+        self.__func__: BatchedMethod[Any, _T, _R] = method
+        self.__self__: object = instance
+        self._state = state
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _BOUND_SLOTS:  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
+        return getattr(self.__func__, name)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, BoundBatchedMethod):
+            return NotImplemented
+        return self.__func__ is other.__func__ and self.__self__ is other.__self__
+
+    def __hash__(self) -> int:
+        return hash((self.__func__, id(self.__self__)))
+
+    def __reduce__(self) -> tuple[Callable[[object, str], Any], tuple[object, str]]:
+        # Like a bound method: the instance, and the method looked up on it again.
+        return getattr, (self.__self__, self.__func__.__name__)
+
+    def __repr__(self) -> str:
+        return f"<bound batched method {self.__func__.__qualname__} of {self.__self__!r}>"
+
+
+def _required_positionals(fn: Callable[..., Any]) -> int:
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return -1
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(
+        1
+        for p in signature.parameters.values()
+        if p.kind in positional and p.default is inspect.Parameter.empty
+    )
+
+
+def _is_async(fn: Callable[..., Any]) -> bool:
+    fn = inspect.unwrap(fn)
+    # A function, a partial of one, or an object with ``async def __call__``.
+    return inspect.iscoroutinefunction(fn) or (
+        callable(fn) and inspect.iscoroutinefunction(type(fn).__call__)
+    )
+
+
+class _BatchDecorator:
+    """``batch(**options)``: turns a batch function or method into a one-item callable."""
+
+    __slots__ = ("_options",)
+
+    def __init__(self, options: BatchOptions) -> None:
+        self._options = options
+
+    # Functions: one parameter, the list of items.
+    @overload
+    def __call__(
+        self, fn: Callable[[list[_T]], Awaitable[Sequence[_R | BaseException]]], /
+    ) -> BatchedFunction[_T, _R]: ...
+    @overload
+    def __call__(
+        self, fn: Callable[[list[_T]], Awaitable[Mapping[Any, _R | BaseException]]], /
+    ) -> BatchedFunction[_T, _R]: ...
+    @overload
+    def __call__(
+        self, fn: Callable[[list[_T]], Awaitable[None]], /
+    ) -> BatchedFunction[_T, None]: ...
+    @overload
+    def __call__(
+        self,
+        fn: Callable[
+            [list[_T]],
+            Awaitable[Sequence[_R | BaseException] | Mapping[Any, _R | BaseException] | None],
+        ],
+        /,
+    ) -> BatchedFunction[_T, _R | None]: ...
+    # Methods: ``self`` and the list of items.
+    @overload
+    def __call__(
+        self, fn: Callable[[_S, list[_T]], Awaitable[Sequence[_R | BaseException]]], /
+    ) -> BatchedMethod[_S, _T, _R]: ...
+    @overload
+    def __call__(
+        self, fn: Callable[[_S, list[_T]], Awaitable[Mapping[Any, _R | BaseException]]], /
+    ) -> BatchedMethod[_S, _T, _R]: ...
+    @overload
+    def __call__(
+        self, fn: Callable[[_S, list[_T]], Awaitable[None]], /
+    ) -> BatchedMethod[_S, _T, None]: ...
+    @overload
+    def __call__(
+        self,
+        fn: Callable[
+            [_S, list[_T]],
+            Awaitable[Sequence[_R | BaseException] | Mapping[Any, _R | BaseException] | None],
+        ],
+        /,
+    ) -> BatchedMethod[_S, _T, _R | None]: ...
+    def __call__(
+        self, fn: Callable[..., Awaitable[Any]], /
+    ) -> BatchedFunction[Any, Any] | BatchedMethod[Any, Any, Any]:
+        name = getattr(fn, "__qualname__", None) or repr(fn)
+        if not _is_async(fn):
+            raise TypeError(
+                f"@batch needs an async function (async def), got {name!r}; its batches are awaited"
+            )
+        options = self._options
+        if options.get("name") is None:
+            options = {**options, "name": name}
+        # Validate the options now, at decoration, rather than at the first
+        # call: the batcher binds to a loop only on first use, so this one is
+        # simply dropped.
+        Batcher(fn, **options)
+        arity = _required_positionals(fn)
+        if arity == 1:
+            return BatchedFunction(fn, options)
+        if arity == 2:
+            return BatchedMethod(fn, options)
+        raise TypeError(
+            f"@batch needs an async function of one positional parameter (the list of "
+            f"items), or a method of two (self, items); {name!r} takes {arity}"
+            if arity >= 0
+            else f"@batch cannot read the signature of {name!r}"
+        )
+
+
+def batch(**options: Unpack[BatchOptions]) -> _BatchDecorator:
+    """Make a batch function callable one item at a time.
+
+    ::
+
+        @batch(max_size=64, max_wait=0.01)
+        async def embed(texts: list[str]) -> list[Vector]: ...
+
+        v = await embed("hello")  # one item in, its own result out
+
+        class Store:
+            @batch(max_size=500)
+            async def put(self, rows: list[Row]) -> None: ...
+
+        await store.put(row)
+
+    The decorated function is the sink of a :class:`Batcher` built with
+    ``options`` (any of the batcher's keyword options; ``name`` defaults to
+    the function's ``__qualname__``) and follows the batcher's rules for the
+    answer: a sequence with one result per item, a mapping by ``key``, or
+    ``None``. Concurrent calls are gathered into batches by size, weight and
+    time exactly as :meth:`Batcher.submit` gathers them.
+
+    - A function (``async def f(items)``) gets one batcher per event loop; a
+      method (``async def m(self, items)``) one per instance and event loop.
+      A batcher is created on the first call in a loop.
+    - The wrapper (for a method, ``obj.m``) has ``flush()``, ``aclose()`` and
+      ``stats`` for the running loop's batcher; ``flush``/``aclose`` do
+      nothing and ``stats`` is all zero when that loop has no batcher yet.
+      After ``aclose()`` the next call starts a fresh batcher.
+    - The types are kept: ``async def f(items: list[T]) -> list[R]`` becomes a
+      callable ``(item: T) -> Coroutine[Any, Any, R]``.
+
+    Raises:
+        TypeError: at decoration, for a function that is not ``async`` or does
+            not take one list of items (after ``self`` for a method).
+        ValueError: at decoration, for an invalid option (the batcher's own
+            validation message).
+    """
+    return _BatchDecorator(options)

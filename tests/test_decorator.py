@@ -1,0 +1,646 @@
+"""``@batch``: functions and methods called one item at a time, one batcher per loop."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import functools
+import gc
+import inspect
+import pickle
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from asyncbatch import (
+    BatchedFunction,
+    BatchedMethod,
+    Batcher,
+    BatcherClosed,
+    BatcherStats,
+    BatchOptions,
+    BatchReport,
+    BoundBatchedMethod,
+    ResultMismatch,
+    batch,
+)
+
+from .support import settle
+
+# ----------------------------------------------------------------- functions
+
+
+async def test_concurrent_calls_are_batched_and_each_gets_its_own_result() -> None:
+    batches: list[list[int]] = []
+
+    @batch(max_size=3)
+    async def double(items: list[int]) -> list[int]:
+        batches.append(list(items))
+        return [2 * i for i in items]
+
+    results = await asyncio.gather(*(double(i) for i in range(7)))
+
+    assert results == [0, 2, 4, 6, 8, 10, 12]
+    assert batches == [[0, 1, 2], [3, 4, 5], [6]]
+    assert double.stats.reasons == {"size": 2, "wait": 1}
+
+
+async def test_sequential_calls_each_make_a_batch() -> None:
+    batches: list[list[int]] = []
+
+    @batch()
+    async def echo(items: list[int]) -> list[int]:
+        batches.append(list(items))
+        return items
+
+    assert [await echo(1), await echo(2)] == [1, 2]
+    assert batches == [[1], [2]]
+
+
+@pytest.mark.looptime
+async def test_max_wait_is_forwarded_and_lingers_on_the_loop_clock() -> None:
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    seen: list[tuple[float, list[str]]] = []
+
+    @batch(max_wait=0.5)
+    async def upper(items: list[str]) -> list[str]:
+        seen.append((round(loop.time() - t0, 6), list(items)))
+        return [s.upper() for s in items]
+
+    async def later(delay: float, item: str) -> str:
+        await asyncio.sleep(delay)
+        return await upper(item)
+
+    results = list(await asyncio.gather(later(0, "a"), later(0.2, "b"), later(0.6, "c")))
+
+    assert results == ["A", "B", "C"]
+    assert seen == [(0.5, ["a", "b"]), (1.1, ["c"])]
+
+
+async def test_per_item_errors_reach_only_their_caller() -> None:
+    @batch()
+    async def check(items: list[int]) -> list[int | Exception]:
+        return [ValueError(f"bad {i}") if i < 0 else i for i in items]
+
+    results = await asyncio.gather(check(1), check(-2), check(3), return_exceptions=True)
+
+    assert results[0] == 1
+    assert results[2] == 3
+    assert isinstance(results[1], ValueError)
+    assert str(results[1]) == "bad -2"
+    assert check.stats.succeeded == 2
+    assert check.stats.failed == 1
+
+
+async def test_a_raising_function_fails_every_caller_of_the_batch() -> None:
+    boom = RuntimeError("backend down")
+
+    @batch()
+    async def broken(items: list[int]) -> list[int]:
+        raise boom
+
+    results = list(await asyncio.gather(broken(1), broken(2), return_exceptions=True))
+
+    assert results == [boom, boom]
+
+
+async def test_mapping_and_none_answers() -> None:
+    @batch(key=lambda user: user["id"])
+    async def names(users: list[dict[str, int]]) -> dict[int, str]:
+        return {u["id"]: f"user{u['id']}" for u in users if u["id"] != 3}
+
+    written: list[list[str]] = []
+
+    @batch()
+    async def write(lines: list[str]) -> None:
+        written.append(list(lines))
+
+    results = list(
+        await asyncio.gather(
+            names({"id": 1}), names({"id": 3}), write("x"), write("y"), return_exceptions=True
+        )
+    )
+
+    assert results[0] == "user1"
+    assert isinstance(results[1], ResultMismatch)
+    assert results[2:] == [None, None]
+    assert written == [["x", "y"]]
+
+
+async def test_name_defaults_to_the_qualname_and_shows_in_errors() -> None:
+    @batch()
+    async def short(items: list[int]) -> list[int]:
+        return []
+
+    @batch(name="embeddings")
+    async def named(items: list[int]) -> list[int]:
+        return []
+
+    with pytest.raises(ResultMismatch, match=r"'test_name_defaults_.*\.<locals>\.short'"):
+        await short(1)
+    with pytest.raises(ResultMismatch, match=r"sink 'embeddings' returned 0 results"):
+        await named(1)
+
+
+async def test_options_are_forwarded() -> None:
+    reports: list[BatchReport] = []
+    batches: list[list[str]] = []
+
+    @batch(max_size=2, dedupe=True, key=str.lower, on_batch=reports.append)
+    async def lookup(words: list[str]) -> list[int]:
+        batches.append(list(words))
+        return [len(w) for w in words]
+
+    results = list(await asyncio.gather(lookup("a"), lookup("A"), lookup("bb"), lookup("ccc")))
+
+    assert results == [1, 1, 2, 3]
+    assert batches == [["a", "bb"], ["ccc"]]  # "A" shares the slot of "a"
+    assert [(r.size, r.reason) for r in reports] == [(2, "size"), (1, "wait")]
+    assert lookup.stats.submitted == 4
+
+
+@pytest.mark.looptime
+async def test_timeout_is_the_batchers_per_item_timeout() -> None:
+    batches: list[list[int]] = []
+
+    @batch(max_wait=10)
+    async def slow(items: list[int]) -> list[int]:
+        batches.append(list(items))
+        return items
+
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    with pytest.raises(TimeoutError):
+        await slow(1, timeout=1.5)
+
+    assert loop.time() - t0 == pytest.approx(1.5)
+    assert batches == []  # withdrawn before dispatch
+    assert slow.stats.expired == 1
+
+
+async def test_a_cancelled_call_is_withdrawn_before_dispatch() -> None:
+    batches: list[list[int]] = []
+
+    @batch()
+    async def echo(items: list[int]) -> list[int]:
+        batches.append(list(items))
+        return items
+
+    first = asyncio.create_task(echo(1))
+    second = asyncio.create_task(echo(2))
+    await asyncio.sleep(0)  # both submitted, the batch is not dispatched yet
+    first.cancel()
+
+    assert await second == 2
+    assert first.cancelled()
+    assert batches == [[2]]
+    assert echo.stats.cancelled == 1
+
+
+async def test_submit_many_keeps_input_order() -> None:
+    batches: list[list[int]] = []
+
+    @batch(max_size=2)
+    async def inverse(items: list[int]) -> list[float | Exception]:
+        batches.append(list(items))
+        return [ZeroDivisionError(i) if i == 0 else 1 / i for i in items]
+
+    assert await inverse.submit_many([4, 2, 1]) == [0.25, 0.5, 1.0]
+    assert batches == [[4, 2], [1]]
+
+    results = await inverse.submit_many([1, 0], return_exceptions=True)
+    assert results[0] == 1.0
+    assert isinstance(results[1], ZeroDivisionError)
+    with pytest.raises(ZeroDivisionError):
+        await inverse.submit_many([0, 1])
+
+
+# ------------------------------------------------------ flush, aclose, stats
+
+
+@pytest.mark.looptime
+async def test_flush_dispatches_now_and_waits_for_the_results() -> None:
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    seen: list[tuple[float, list[int]]] = []
+
+    @batch(max_wait=10)
+    async def echo(items: list[int]) -> list[int]:
+        seen.append((loop.time() - t0, list(items)))
+        return items
+
+    tasks = [asyncio.create_task(echo(i)) for i in range(3)]
+    await asyncio.sleep(0)
+    await echo.flush()
+
+    assert seen == [(0, [0, 1, 2])]
+    assert await asyncio.gather(*tasks) == [0, 1, 2]
+    assert loop.time() == t0
+    assert echo.stats.reasons == {"flush": 1}
+
+
+@pytest.mark.looptime
+async def test_aclose_drains_then_the_next_call_starts_a_fresh_batcher() -> None:
+    batches: list[list[int]] = []
+
+    @batch(max_wait=10)
+    async def echo(items: list[int]) -> list[int]:
+        batches.append(list(items))
+        return items
+
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    tasks = [asyncio.create_task(echo(i)) for i in range(2)]
+    await asyncio.sleep(0)
+    await echo.aclose()
+
+    assert batches == [[0, 1]]
+    assert await asyncio.gather(*tasks) == [0, 1]
+    assert loop.time() == t0  # drained at once, not after max_wait
+    # Until the next call, stats are the closed batcher's final counts.
+    closed = echo.stats
+    assert (closed.submitted, closed.succeeded, closed.reasons) == (2, 2, {"close": 1})
+
+    assert await echo(5) == 5
+    assert batches == [[0, 1], [5]]
+    fresh = echo.stats
+    assert (fresh.submitted, fresh.reasons) == (1, {"wait": 1})
+    assert loop.time() - t0 == pytest.approx(10)
+    await echo.aclose()
+    await echo.aclose()  # idempotent
+
+
+async def test_aclose_cancel_fails_pending_calls() -> None:
+    @batch(max_wait=60)
+    async def never(items: list[int]) -> list[int]:
+        raise AssertionError("not dispatched")
+
+    task = asyncio.create_task(never(1))
+    await asyncio.sleep(0)
+    await never.aclose(cancel=True)
+
+    with pytest.raises(BatcherClosed):
+        await task
+
+
+async def test_a_call_racing_aclose_goes_to_a_fresh_batcher() -> None:
+    gate = asyncio.Event()
+    batches: list[list[str]] = []
+
+    @batch()
+    async def echo(items: list[str]) -> list[str]:
+        batches.append(list(items))
+        if "old" in items:
+            await gate.wait()
+        return items
+
+    old = asyncio.create_task(echo("old"))
+    await settle()  # "old" is in flight, held by the gate
+    closing = asyncio.create_task(echo.aclose())
+    await settle()  # the close is draining
+
+    assert await echo("new") == "new"  # served while the old batcher drains
+    assert not closing.done()
+    assert not old.done()
+    gate.set()
+    await closing
+    assert await old == "old"
+    assert batches == [["old"], ["new"]]
+    assert echo.stats.submitted == 1  # the fresh batcher's
+
+
+async def test_flush_and_a_second_aclose_wait_for_a_draining_close() -> None:
+    gate = asyncio.Event()
+
+    @batch()
+    async def held(items: list[int]) -> list[int]:
+        await gate.wait()
+        return items
+
+    call = asyncio.create_task(held(1))
+    await settle()  # in flight, held by the gate
+    first = asyncio.create_task(held.aclose())
+    await settle()
+    second = asyncio.create_task(held.aclose())
+    flushing = asyncio.create_task(held.flush())
+    await settle()
+
+    assert [first.done(), second.done(), flushing.done()] == [False, False, False]
+    gate.set()
+    await asyncio.gather(first, second, flushing)
+    assert await call == 1
+    assert held.stats.reasons == {"wait": 1}
+
+
+async def test_flush_aclose_and_stats_before_any_call() -> None:
+    calls = 0
+
+    @batch()
+    async def unused(items: list[int]) -> list[int]:
+        nonlocal calls
+        calls += 1
+        return items
+
+    await unused.flush()
+    await unused.aclose()
+    await unused.aclose(cancel=True)
+
+    assert unused.stats == BatcherStats()
+    assert calls == 0
+    assert await unused(1) == 1  # still usable
+    assert unused.stats.submitted == 1
+
+
+# ---------------------------------------------------------------- event loops
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def loop_factory(request: pytest.FixtureRequest) -> Callable[[], asyncio.AbstractEventLoop]:
+    if request.param == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+        return factory
+    return asyncio.new_event_loop
+
+
+def test_each_event_loop_gets_its_own_batcher(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    batches: list[list[int]] = []
+
+    @batch(max_size=10)
+    async def echo(items: list[int]) -> list[int]:
+        batches.append(list(items))
+        return items
+
+    async def main(first: int) -> tuple[list[int], int]:
+        results = list(await asyncio.gather(echo(first), echo(first + 1)))
+        return results, echo.stats.submitted
+
+    for first in (0, 10, 20):  # like tests calling asyncio.run() repeatedly
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            assert runner.run(main(first)) == ([first, first + 1], 2)
+
+    assert batches == [[0, 1], [10, 11], [20, 21]]
+    # Outside any loop: the snapshot of the batcher created last.
+    assert echo.stats.submitted == 2
+    # Batchers of closed loops are dropped when a new one is created.
+    assert len(echo._state._live) == 1
+
+
+async def test_a_second_loop_running_at_the_same_time_has_its_own_batcher() -> None:
+    threads: list[list[tuple[str, int]]] = []
+
+    @batch()
+    async def where(items: list[int]) -> list[tuple[str, int]]:
+        answer = [(threading.current_thread().name, i) for i in items]
+        threads.append(answer)
+        return answer
+
+    main_thread = threading.current_thread().name
+    assert await where(1) == (main_thread, 1)
+    # The call is created here but awaited in a thread's own loop: the batcher
+    # is picked when the call runs, on the loop that runs it.
+    name, item = await asyncio.to_thread(asyncio.run, where(2))
+    assert (name != main_thread, item) == (True, 2)
+    assert await where(3) == (main_thread, 3)
+    assert where.stats.submitted == 2  # this loop's batcher saw 1 and 3
+
+
+# -------------------------------------------------------------------- methods
+
+
+class Store:
+    """A store whose reads are batched per instance."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.batches: list[list[int]] = []
+
+    @batch(max_size=10)
+    async def get(self, ids: list[int]) -> list[str]:
+        """Read many ids at once."""
+        self.batches.append(list(ids))
+        return [f"{self.label}{i}" for i in ids]
+
+
+async def test_methods_have_one_batcher_per_instance() -> None:
+    a, b = Store("a"), Store("b")
+
+    results = list(await asyncio.gather(a.get(1), b.get(2), a.get(3), Store.get(b, 4)))
+
+    assert results == ["a1", "b2", "a3", "b4"]
+    assert a.batches == [[1, 3]]
+    assert b.batches == [[2, 4]]
+    assert a.get.stats.submitted == 2
+    assert b.get.stats.submitted == 2
+
+
+async def test_flush_aclose_and_stats_of_a_bound_method_act_on_its_instance() -> None:
+    a, b = Store("a"), Store("b")
+    await a.get(1)
+
+    assert b.get.stats == BatcherStats()
+    await b.get.aclose()
+    assert a.get.stats.submitted == 1
+
+    await a.get.aclose()
+    assert a.get.stats.reasons == {"wait": 1}  # the closed batcher's
+    await a.get.flush()
+    assert await a.get(2) == "a2"
+    assert a.get.stats.submitted == 1  # a fresh batcher
+
+
+def test_methods_have_one_batcher_per_instance_and_loop() -> None:
+    store = Store("s")
+
+    async def main(item: int) -> tuple[str, int]:
+        return await store.get(item), store.get.stats.submitted
+
+    assert asyncio.run(main(1)) == ("s1", 1)
+    assert asyncio.run(main(2)) == ("s2", 1)
+    assert store.batches == [[1], [2]]
+
+
+async def test_instances_are_not_kept_alive_by_their_batchers() -> None:
+    method = Store.__dict__["get"]
+    assert isinstance(method, BatchedMethod)
+    store = Store("x")
+    assert await store.get(1) == "x1"
+    key = id(store)
+    assert key in method._instances
+    ref = weakref.ref(store)
+
+    del store
+    gc.collect()
+
+    assert ref() is None
+    assert key not in method._instances
+
+
+async def test_an_instance_without_weakref_support_is_refused() -> None:
+    class Slotted:
+        __slots__ = ()
+
+        @batch()
+        async def get(self, ids: list[int]) -> list[int]:
+            return ids
+
+    with pytest.raises(TypeError, match=r"add '__weakref__' to .*Slotted\.__slots__"):
+        _ = Slotted().get
+
+
+async def test_bound_methods_behave_like_bound_methods() -> None:
+    a, b = Store("a"), Store("b")
+    method = Store.__dict__["get"]
+
+    assert isinstance(a.get, BoundBatchedMethod)
+    assert Store.get is method
+    assert a.get.__self__ is a
+    assert a.get.__func__ is method
+    assert a.get == a.get
+    assert hash(a.get) == hash(a.get)
+    assert a.get != b.get
+    assert a.get != method
+    assert a.get.__name__ == "get"
+    assert a.get.__qualname__ == "Store.get"
+    assert a.get.__doc__ == "Read many ids at once."
+    assert a.get.__wrapped__ is method.__wrapped__
+    assert str(inspect.signature(a.get)) == "(item, /, *, timeout=None)"
+    assert str(inspect.signature(Store.get)) == "(self, item, /, *, timeout=None)"
+    assert repr(a.get).startswith("<bound batched method Store.get of <")
+    assert repr(Store.get) == "<batched method Store.get>"
+    assert BoundBatchedMethod.__doc__ is not None
+    assert BoundBatchedMethod.__doc__.startswith("A :class:`BatchedMethod` bound")
+
+
+# ------------------------------------------------------- decoration and shape
+
+
+async def test_the_wrapper_keeps_the_functions_metadata() -> None:
+    async def embed(texts: list[str]) -> list[int]:
+        """Embed texts."""
+        return [len(t) for t in texts]
+
+    wrapped = batch()(embed)
+
+    assert isinstance(wrapped, BatchedFunction)
+    assert wrapped.__name__ == "embed"
+    assert wrapped.__qualname__ == embed.__qualname__
+    assert wrapped.__doc__ == "Embed texts."
+    assert wrapped.__module__ == __name__
+    assert wrapped.__wrapped__ is embed
+    assert str(inspect.signature(wrapped)) == "(item, /, *, timeout=None)"
+    assert repr(wrapped) == f"<batched function {embed.__qualname__}>"
+    assert await wrapped("four") == 4
+
+
+async def test_a_batched_function_on_a_class_does_not_bind() -> None:
+    @batch()
+    async def double(items: list[int]) -> list[int]:
+        return [2 * i for i in items]
+
+    class Holder:
+        fn = double
+
+    assert await Holder().fn(21) == 42
+
+
+async def test_async_callables_and_partials_can_be_decorated() -> None:
+    class Sink:
+        async def __call__(self, items: list[int]) -> list[int]:
+            return [i + 1 for i in items]
+
+    async def scaled(factor: int, items: list[int]) -> list[int]:
+        return [factor * i for i in items]
+
+    assert await batch()(Sink())(1) == 2
+    assert await batch()(functools.partial(scaled, 3))(2) == 6
+
+
+def test_decoration_rejects_what_cannot_be_a_batch_function() -> None:
+    def sync(items: list[int]) -> list[int]:
+        return items
+
+    async def no_args() -> list[int]:
+        return []
+
+    async def three(a: object, b: list[int], c: int) -> list[int]:
+        return b
+
+    async def ok(items: list[int]) -> list[int]:
+        return items
+
+    deco: Any = batch()  # the static types reject these too
+    with pytest.raises(TypeError, match=r"needs an async function \(async def\), got '.*sync'"):
+        deco(sync)
+    with pytest.raises(TypeError, match=r"one positional parameter .* takes 0"):
+        deco(no_args)
+    with pytest.raises(TypeError, match=r"or a method of two \(self, items\); .* takes 3"):
+        deco(three)
+    with pytest.raises(TypeError, match=r"cannot read the signature"):
+        deco(_NoSignature())
+    # Options are checked at decoration, with the batcher's own messages.
+    with pytest.raises(ValueError, match="max_size must be >= 1, got 0"):
+        batch(max_size=0)(ok)
+    with pytest.raises(ValueError, match="overflow must be one of"):
+        batch(overflow="nope")(ok)  # type: ignore[arg-type]
+
+
+def test_batch_takes_every_option_of_the_batcher() -> None:
+    batcher_options = set(inspect.signature(Batcher).parameters) - {"sink"}
+    assert set(BatchOptions.__optional_keys__) == batcher_options
+    assert not BatchOptions.__required_keys__
+
+
+class _NoSignature:
+    """An async callable whose signature ``inspect`` cannot read."""
+
+    __signature__ = "not a signature"
+
+    async def __call__(self, items: list[int]) -> list[int]:
+        return items
+
+
+@batch()
+async def module_level(items: list[int]) -> list[int]:
+    return items
+
+
+async def test_wrappers_pickle_and_copy_like_functions_and_bound_methods() -> None:
+    store = Store("p")
+    assert await module_level(1) == 1
+
+    assert pickle.loads(pickle.dumps(module_level)) is module_level
+    assert pickle.loads(pickle.dumps(Store.get)) is Store.get
+    assert copy.copy(module_level) is module_level
+    assert copy.deepcopy(module_level) is module_level
+
+    bound = pickle.loads(pickle.dumps(store.get))
+    assert isinstance(bound, BoundBatchedMethod)
+    assert isinstance(bound.__self__, Store)
+    assert bound.__self__.label == "p"
+    assert bound.__self__ is not store
+    assert await bound(2) == "p2"
+    assert copy.copy(store.get) == store.get
+    blank = BoundBatchedMethod.__new__(BoundBatchedMethod)  # as a copier makes one
+    assert not hasattr(blank, "__func__")  # an AttributeError, not a RecursionError
+
+
+async def test_unhashable_instances_have_their_own_batchers() -> None:
+    @dataclasses.dataclass
+    class Row:  # eq=True: unhashable
+        n: int
+
+        @batch()
+        async def plus(self, items: list[int]) -> list[int]:
+            return [self.n + i for i in items]
+
+    a, b = Row(1), Row(1)
+    assert list(await asyncio.gather(a.plus(1), b.plus(2))) == [2, 3]
+    assert (a.plus.stats.submitted, b.plus.stats.submitted) == (1, 1)
