@@ -5,7 +5,7 @@ Layout (public names are re-exported here; everything else is private):
 - ``_batcher``     Batcher: accumulation, the dispatch rule, sink calls
 - ``_timers``      linger deadlines and the heartbeat grid
 - ``_results``     mapping a sink's answer back onto items
-- ``_retry``       Retry: which failures are retried, and after how long
+- ``_retry``       Retry, Retryable: which failures are retried, after how long
 - ``_stats``       BatcherStats snapshots and per-batch BatchReports
 - ``_exceptions``  the AsyncBatchError tree
 - ``_decorator``   @batch: a batcher per loop (and per instance) behind a function
@@ -25,6 +25,7 @@ from ._exceptions import BatcherClosed as BatcherClosed
 from ._exceptions import QueueFull as QueueFull
 from ._exceptions import ResultMismatch as ResultMismatch
 from ._retry import Retry as Retry
+from ._retry import Retryable as Retryable
 from ._stats import BatcherStats as BatcherStats
 from ._stats import BatchReport as BatchReport
 from ._stats import DispatchReason as DispatchReason
@@ -46,6 +47,7 @@ __all__ = [
     "QueueFull",
     "ResultMismatch",
     "Retry",
+    "Retryable",
     "SinkResult",
     "batch",
 ]

@@ -25,7 +25,7 @@ from typing import Any, Generic, Literal, Self, TypeAlias, TypeVar, overload
 
 from ._exceptions import BatcherClosed, QueueFull
 from ._results import answer_values
-from ._retry import Retry
+from ._retry import Retry, Retryable
 from ._stats import BatcherStats, BatchReport, DispatchReason
 from ._timers import Deadlines
 
@@ -835,7 +835,23 @@ class Batcher(Generic[T, R]):
                         error = exc
                         self._deliver(batch, futs, extra, None, exc)
                 else:
-                    self._deliver(batch, futs, extra, values, None)
+                    again: list[int] | None = None
+                    if retry is not None and attempts < retry.attempts:
+                        again = []
+                    self._deliver(batch, futs, extra, values, None, again)
+                    if again:
+                        assert retry is not None
+                        # Items the sink marked Retryable go again, on their own,
+                        # after the backoff (or the longest retry_after among them).
+                        await asyncio.sleep(max(retry.delay(attempts, values[i]) for i in again))
+                        items, futs, extra = self._live(
+                            batch,
+                            [items[i] for i in again],
+                            [futs[i] for i in again],
+                            [extra[i] for i in again] if extra is not None else None,
+                        )
+                        if items:
+                            continue
                 break
         except asyncio.CancelledError:
             closed = self._call_cancelled()
@@ -921,11 +937,14 @@ class Batcher(Generic[T, R]):
         extra: list[list[_Fut]] | None,
         values: Sequence[Any] | None,
         error: BaseException | None,
+        again: list[int] | None = None,
     ) -> None:
         """Resolve callers: ``values[i]`` for slot ``i``, or ``error`` for all.
 
         Callers that already left (cancelled, expired, dropped) are skipped:
-        a finished future is never touched again.
+        a finished future is never touched again. With ``again`` (a list), the
+        slots whose value is :class:`Retryable` are left unresolved and listed
+        there; without it their callers get the wrapped error.
         """
         resolved = failed = 0
         if values is None:
@@ -937,26 +956,36 @@ class Batcher(Generic[T, R]):
                 resolved += 1
             failed = resolved
         else:
-            for fut, value in zip(futs, values, strict=True):
+            for i, (fut, value) in enumerate(zip(futs, values, strict=True)):
                 if fut.done():
                     self._count_cancelled(batch, fut)
                     continue
-                resolved += 1
                 if isinstance(value, Exception):
+                    if isinstance(value, Retryable):
+                        if again is not None:
+                            again.append(i)
+                            continue
+                        value = value.error
                     fut.set_exception(value)
                     failed += 1
                 else:
                     fut.set_result(value)
+                resolved += 1
         if extra is not None:
+            retrying = set(again) if again else ()
             for i, waiters in enumerate(extra):
+                if i in retrying:
+                    continue
                 value = error if values is None else values[i]
+                if isinstance(value, Retryable):
+                    value = value.error
                 for fut in waiters:
                     if fut.done():
                         self._count_cancelled(batch, fut)
                         continue
                     resolved += 1
                     if values is None or isinstance(value, Exception):
-                        fut.set_exception(value)  # type: ignore[arg-type]
+                        fut.set_exception(value)
                         failed += 1
                     else:
                         fut.set_result(value)

@@ -10,7 +10,7 @@ import math
 import random
 from dataclasses import dataclass
 
-__all__ = ["Retry"]
+__all__ = ["Retry", "Retryable"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,3 +83,35 @@ class Retry:
             return max(0.0, float(retry_after))
         delay = min(self.max_backoff, self.backoff * (2.0 ** (attempt - 1)))
         return random.uniform(0.0, delay) if self.jitter else delay
+
+
+class Retryable(Exception):
+    """A sink's per-item answer: "this item failed, but try it again".
+
+    Return it in place of an item's result (``[r1, Retryable(err), r3]``, or
+    as a mapping value) to retry just that item while the others resolve now::
+
+        async def sink(items):
+            answers = await backend.bulk(items)
+            return [Retryable(Busy()) if a.status == 503 else a.value for a in answers]
+
+    With a :class:`Retry` policy, the marked items go to the sink again, on
+    their own, after the backoff (or the longest ``retry_after`` among them),
+    as long as ``Retry.attempts`` allows; the whole batch's attempts count.
+    Items still marked after the last attempt, or with no ``retry`` at all,
+    fail with ``error``.
+
+    Args:
+        error: what the caller gets if no retry is left (an exception, or a
+            message for a plain ``Exception``).
+        retry_after: seconds to wait before the retry, overriding the backoff
+            (for example from a per-item ``Retry-After``).
+    """
+
+    def __init__(self, error: BaseException | str, *, retry_after: float | None = None) -> None:
+        self.error: BaseException = error if isinstance(error, BaseException) else Exception(error)
+        self.retry_after = retry_after
+        super().__init__(self.error)
+
+    def __repr__(self) -> str:
+        return f"Retryable({self.error!r}, retry_after={self.retry_after!r})"

@@ -31,7 +31,7 @@ import looptime
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from asyncbatch import Batcher, BatcherClosed, QueueFull, ResultMismatch, Retry
+from asyncbatch import Batcher, BatcherClosed, QueueFull, ResultMismatch, Retry, Retryable
 
 from .support import live_timers
 
@@ -75,6 +75,11 @@ class World:
             return {key: ("ok", key) for _, key in items[1:]}  # mapping, one key missing
         if roll < 0.35:
             return [ItemError(key) if self.rng.random() < 0.3 else ("ok", key) for _, key in items]
+        if roll < 0.45:  # some items ask to be retried on their own
+            return [
+                Retryable(ItemError(key)) if self.rng.random() < 0.4 else ("ok", key)
+                for _, key in items
+            ]
         return [("ok", key) for _, key in items]
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from asyncbatch import Batcher, BatchReport, ResultMismatch, Retry
+from asyncbatch import Batcher, BatchReport, ResultMismatch, Retry, Retryable
 
 from .support import settle
 
@@ -246,3 +246,91 @@ def test_retry_validation() -> None:
     with pytest.raises(TypeError, match="retry_on"):
         Retry(retry_on=("nope",))  # type: ignore[arg-type]
     assert Retry(retry_on=KeyError).retry_on == (KeyError,)
+
+
+class PerItem:
+    """Marks items Retryable until they were tried ``needs[item]`` times."""
+
+    def __init__(self, needs: dict[int, int], retry_after: float | None = None) -> None:
+        self.needs = needs
+        self.tries: dict[int, int] = {}
+        self.calls: list[list[int]] = []
+        self.times: list[float] = []
+        self.retry_after = retry_after
+
+    async def __call__(self, items: list[int]) -> list[Any]:
+        self.calls.append(list(items))
+        self.times.append(asyncio.get_running_loop().time())
+        out: list[Any] = []
+        for x in items:
+            self.tries[x] = self.tries.get(x, 0) + 1
+            if self.tries[x] < self.needs.get(x, 1):
+                out.append(Retryable(ConnectionError(f"busy {x}"), retry_after=self.retry_after))
+            else:
+                out.append(x * 10)
+        return out
+
+
+async def test_retryable_items_are_retried_alone_others_resolve_now() -> None:
+    loop = asyncio.get_running_loop()
+    sink = PerItem({2: 2, 4: 3})
+    reports: list[BatchReport] = []
+    done_at: dict[int, float] = {}
+    retry = Retry(attempts=3, backoff=0.5, jitter=False)
+    async with Batcher(sink, max_size=10, retry=retry, on_batch=reports.append) as b:
+
+        async def call(x: int) -> int:
+            r: int = await b.submit(x)
+            done_at[x] = loop.time()
+            return r
+
+        t0 = loop.time()
+        assert await asyncio.gather(*(call(x) for x in range(5))) == [0, 10, 20, 30, 40]
+    assert sink.calls == [[0, 1, 2, 3, 4], [2, 4], [4]]
+    assert done_at[0] == pytest.approx(t0)  # resolved with the first answer
+    assert done_at[2] == pytest.approx(t0 + 0.5)
+    assert done_at[4] == pytest.approx(t0 + 1.5)
+    assert reports[0].attempts == 3
+    assert b.stats.succeeded == 5
+
+
+async def test_retryable_after_last_attempt_fails_with_the_wrapped_error() -> None:
+    sink = PerItem({1: 99})
+    async with Batcher(sink, retry=Retry(attempts=2, backoff=0)) as b:
+        results = await b.submit_many([0, 1], return_exceptions=True)
+    assert results[0] == 0
+    assert isinstance(results[1], ConnectionError)
+    assert str(results[1]) == "busy 1"
+    assert sink.calls == [[0, 1], [1]]
+
+
+async def test_retryable_without_retry_policy_fails_at_once() -> None:
+    sink = PerItem({1: 2})
+    async with Batcher(sink) as b:
+        results = await b.submit_many([0, 1], return_exceptions=True)
+    assert isinstance(results[1], ConnectionError)
+    assert sink.calls == [[0, 1]]
+
+
+async def test_retryable_honours_its_retry_after() -> None:
+    sink = PerItem({1: 2}, retry_after=3.0)
+    async with Batcher(sink, retry=Retry(backoff=0.01)) as b:
+        assert await b.submit(1) == 10
+    assert sink.times[1] - sink.times[0] == pytest.approx(3.0)
+
+
+async def test_retryable_reaches_every_dedupe_waiter() -> None:
+    sink = PerItem({7: 2})
+    async with Batcher(sink, dedupe=True, retry=Retry(backoff=0)) as b:
+        assert await b.submit_many([7, 7, 8]) == [70, 70, 80]
+    assert sink.calls == [[7, 8], [7]]
+    async with Batcher(PerItem({7: 5}), dedupe=True) as b:
+        results = await b.submit_many([7, 7], return_exceptions=True)
+    assert all(isinstance(r, ConnectionError) for r in results)
+
+
+def test_retryable_wraps_messages() -> None:
+    r = Retryable("try later", retry_after=2)
+    assert isinstance(r.error, Exception)
+    assert str(r.error) == "try later"
+    assert repr(r) == "Retryable(Exception('try later'), retry_after=2)"
