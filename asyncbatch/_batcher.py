@@ -18,6 +18,7 @@ import enum
 import functools
 import itertools
 import math
+import threading
 import warnings
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
@@ -42,6 +43,7 @@ _OVERFLOWS = ("block", "reject", "drop_oldest")
 
 _Fut: TypeAlias = asyncio.Future[Any]
 _done = asyncio.Future.done
+_get_ident = threading.get_ident
 
 
 class _State(enum.Enum):
@@ -185,7 +187,7 @@ class Batcher(Generic[T, R]):
         "_dropped",
         "_expired",
         "_failed",
-        "_hot_loop",
+        "_hot_thread",
         "_in_flight",
         "_inflight",
         "_key",
@@ -289,9 +291,10 @@ class Batcher(Generic[T, R]):
 
         self._state = _State.IDLE
         self._loop: asyncio.AbstractEventLoop | None = None
-        # The bound loop while RUNNING, else None: one identity check per submit
-        # covers both "right loop" and "accepting items".
-        self._hot_loop: asyncio.AbstractEventLoop | None = None
+        # The bound loop's thread while RUNNING, else None. Per item the plain
+        # path only compares thread ids (asyncio.get_running_loop() costs 5x
+        # more on 3.11); the loop itself is checked whenever a batch is opened.
+        self._hot_thread: int | None = None
         self._open: dict[Hashable, _Batch] = {}
         self._waiting: dict[_Batch, None] = {}  # undispatched batches, oldest first
         self._ready: deque[_Batch] = deque()
@@ -378,20 +381,25 @@ class Batcher(Generic[T, R]):
         Cancellation: cancelling the caller before dispatch withdraws the
         item; after dispatch the result is dropped. Others are not affected.
         """
-        loop = self._hot_loop
-        if loop is None or loop is not asyncio.get_running_loop():
-            loop = self._bind()
-        fut: _Fut = loop.create_future()
-        if timeout is not None:
-            return await self._submit_with_timeout(loop, item, fut, timeout)
-        if self._plain:  # _put, inlined for the common configuration
-            batch = self._open.get(None) or self._open_batch(None)
+        fut: _Fut
+        if self._plain and timeout is None:
+            # _put, inlined for the common configuration (as in submit_nowait).
+            if self._hot_thread != _get_ident():
+                self._bind()
+            batch = self._open.get(None)
+            if batch is None:
+                batch = self._open_batch(None)
+            fut = self._loop.create_future()  # type: ignore[union-attr]
             batch.items.append(item)
             batch.futs.append(fut)
             self._pending += 1
             if len(batch.futs) >= self._max_size:
                 self._seal(batch, "size")
         else:
+            loop = self._bind()
+            fut = loop.create_future()
+            if timeout is not None:
+                return await self._submit_with_timeout(loop, item, fut, timeout)
             put = self._put(item, fut)
             batch = put if put is not None else await self._put_when_room(item, fut, None)
         try:
@@ -419,10 +427,21 @@ class Batcher(Generic[T, R]):
             BatcherClosed: the batcher is closed.
             RuntimeError: no running loop, or another loop than the bound one.
         """
-        loop = self._hot_loop
-        if loop is None or loop is not asyncio.get_running_loop():
-            loop = self._bind()
-        fut: asyncio.Future[R] = loop.create_future()
+        fut: asyncio.Future[R]
+        if self._plain:  # _put, inlined for the common configuration (as in submit)
+            if self._hot_thread != _get_ident():
+                self._bind()
+            batch = self._open.get(None)
+            if batch is None:
+                batch = self._open_batch(None)
+            fut = self._loop.create_future()  # type: ignore[union-attr]
+            batch.items.append(item)
+            batch.futs.append(fut)
+            self._pending += 1
+            if len(batch.futs) >= self._max_size:
+                self._seal(batch, "size")
+            return fut
+        fut = self._bind().create_future()
         if self._put(item, fut) is None:
             self._rejected += 1
             raise QueueFull(self._full_message())
@@ -451,9 +470,7 @@ class Batcher(Generic[T, R]):
         the items already accepted are withdrawn and the error is raised.
         Cancelling the call withdraws every item not yet dispatched.
         """
-        loop = self._hot_loop
-        if loop is None or loop is not asyncio.get_running_loop():
-            loop = self._bind()
+        loop = self._bind()
         futs: list[_Fut] = []
         try:
             for item in items:
@@ -538,7 +555,7 @@ class Batcher(Generic[T, R]):
             await asyncio.shield(self._closing)
             return
         self._state = _State.CLOSING
-        self._hot_loop = None
+        self._hot_thread = None
         self._closing = loop.create_future()
         self._cancel_on_close = cancel
         while self._putters:
@@ -612,7 +629,8 @@ class Batcher(Generic[T, R]):
             self._open.clear()
             self._ready.clear()
             self._waiting.clear()
-        self._loop = self._hot_loop = loop
+        self._loop = loop
+        self._hot_thread = _get_ident()
         self._deadlines.t0 = loop.time()
         self._state = _State.RUNNING
         return loop
@@ -682,8 +700,7 @@ class Batcher(Generic[T, R]):
         return batch
 
     def _open_batch(self, pkey: Hashable) -> _Batch:
-        loop = self._loop
-        assert loop is not None
+        loop = self._bind()
         batch = _Batch(pkey, next(self._seq), self._dedupe)
         self._open[pkey] = batch
         self._waiting[batch] = None
@@ -956,14 +973,14 @@ class Batcher(Generic[T, R]):
                 resolved += 1
             failed = resolved
         else:
-            for i, (fut, value) in enumerate(zip(futs, values, strict=True)):
+            for fut, value in zip(futs, values, strict=True):
                 if fut.done():
                     self._count_cancelled(batch, fut)
                     continue
                 if isinstance(value, Exception):
                     if isinstance(value, Retryable):
                         if again is not None:
-                            again.append(i)
+                            again.append(futs.index(fut))
                             continue
                         value = value.error
                     fut.set_exception(value)

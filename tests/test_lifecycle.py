@@ -285,3 +285,23 @@ def test_type_validation(kwargs: dict[str, Any]) -> None:
 def test_sink_must_be_callable() -> None:
     with pytest.raises(TypeError, match="sink"):
         Batcher(42)  # type: ignore[arg-type]
+
+
+def test_items_stranded_on_a_closed_loop_fail_the_next_loop_instead_of_hanging() -> None:
+    def scenario() -> None:
+        b = Batcher(RecordingSink(), max_wait=60)
+
+        async def strand() -> None:
+            b.submit_nowait(1)
+
+        async def again() -> Any:
+            async with asyncio.timeout(5):
+                return await b.submit(2)
+
+        asyncio.run(strand())
+        with pytest.raises(RuntimeError):
+            asyncio.run(again())
+
+    scenario()
+    with pytest.warns(ResourceWarning):
+        gc.collect()
