@@ -9,6 +9,8 @@ Layout (public names are re-exported here; everything else is private):
 - ``_stats``       BatcherStats snapshots and per-batch BatchReports
 - ``_exceptions``  the AsyncBatchError tree
 - ``_decorator``   @batch: a batcher per loop (and per instance) behind a function
+- ``_loader``      DataLoader: request coalescing with a per-key future cache
+- ``_stream``      chunks: micro-batching an async iterable
 - ``contrib/``     optional integrations (``bulkapi``, ``httpx``); never imported here
 """
 
@@ -24,16 +26,21 @@ from ._exceptions import AsyncBatchError as AsyncBatchError
 from ._exceptions import BatcherClosed as BatcherClosed
 from ._exceptions import QueueFull as QueueFull
 from ._exceptions import ResultMismatch as ResultMismatch
+from ._loader import BatchLoadFn as BatchLoadFn
+from ._loader import DataLoader as DataLoader
+from ._loader import LoaderOptions as LoaderOptions
 from ._retry import Retry as Retry
 from ._retry import Retryable as Retryable
 from ._stats import BatcherStats as BatcherStats
 from ._stats import BatchReport as BatchReport
 from ._stats import DispatchReason as DispatchReason
+from ._stream import chunks as chunks
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AsyncBatchError",
+    "BatchLoadFn",
     "BatchOptions",
     "BatchReport",
     "BatchedFunction",
@@ -42,7 +49,9 @@ __all__ = [
     "BatcherClosed",
     "BatcherStats",
     "BoundBatchedMethod",
+    "DataLoader",
     "DispatchReason",
+    "LoaderOptions",
     "Overflow",
     "QueueFull",
     "ResultMismatch",
@@ -50,6 +59,7 @@ __all__ = [
     "Retryable",
     "SinkResult",
     "batch",
+    "chunks",
 ]
 
 # Public objects say ``asyncbatch.X`` in reprs and tracebacks, not the private module.
