@@ -1,10 +1,11 @@
-# Everything runs from a virtualenv under the repo, created on first use.
+# Everything runs from a virtualenv under the repo (.venv), created on first use;
+# each target installs only what it needs, once per change of pyproject.toml.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-stamp
+PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: help venv test lint typecheck pytest demo bench clean
+.PHONY: help venv test lint typecheck pytest demo bench bench-compare clean
 
 help:
 	@echo "make demo   - live batching demo (sets up .venv first)"
@@ -13,31 +14,39 @@ help:
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PIP) --upgrade pip
 
-$(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e ".[test,bench]"
-	@touch $(STAMP)
+$(VENV)/.stamp-base: pyproject.toml | $(PY)
+	$(PIP) -e ".[uvloop]"
+	@touch $@
 
-venv: $(STAMP)
+$(VENV)/.stamp-test: pyproject.toml | $(PY)
+	$(PIP) -e ".[test]"
+	@touch $@
 
-lint: $(STAMP)
+$(VENV)/.stamp-bench: pyproject.toml | $(PY)
+	$(PIP) -e ".[bench]"
+	@touch $@
+
+venv: $(VENV)/.stamp-test
+
+lint: $(VENV)/.stamp-test
 	$(VENV)/bin/ruff check asyncbatch tests examples benchmarks
 	$(VENV)/bin/ruff format --check asyncbatch tests examples benchmarks
 
-typecheck: $(STAMP)
+typecheck: $(VENV)/.stamp-test
 	$(VENV)/bin/mypy
 
-pytest: $(STAMP)
+pytest: $(VENV)/.stamp-test
 	$(PY) -m pytest --cov --cov-report=term $(PYTEST_ARGS)
 
 test: lint typecheck pytest
 
-demo: $(STAMP)
+demo: $(VENV)/.stamp-base
 	$(VENV)/bin/asyncbatch demo $(DEMO_ARGS)
 
-bench: $(STAMP)
-	$(PY) benchmarks/overhead.py
+bench: $(VENV)/.stamp-bench
+	$(PY) benchmarks/overhead.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .coverage htmlcov
