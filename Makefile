@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: help venv test lint typecheck pytest demo bench bench-compare clean
+.PHONY: help venv test lint typecheck pytest demo bench clean
 
 help:
 	@echo "make demo   - live batching demo (sets up .venv first)"
