@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import looptime
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -114,6 +115,8 @@ op = st.one_of(
 schedules = st.lists(st.tuples(st.sampled_from([0.0, 0.0, 0.01, 0.2, 1.0]), op), max_size=40)
 
 
+# ~15 s on a quiet 2-core machine; the margin is for a loaded one.
+@pytest.mark.timeout(600)
 @settings(
     max_examples=150,
     deadline=None,
