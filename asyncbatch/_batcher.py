@@ -204,6 +204,7 @@ class Batcher(Generic[T, R]):
         "_peak_pending",
         "_pending",
         "_plain",
+        "_plain_keyed",
         "_putters",
         "_ready",
         "_reasons",
@@ -288,6 +289,8 @@ class Batcher(Generic[T, R]):
         self._soon = max_wait == 0 and interval is None
         # Nothing to compute per item but the append: submit inlines it.
         self._plain = partition is None and not dedupe and weigh is None and max_pending is None
+        # The DataLoader's configuration: only the dedupe index to compute (_put_key).
+        self._plain_keyed = partition is None and dedupe and weigh is None and max_pending is None
 
         self._state = _State.IDLE
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -644,21 +647,8 @@ class Batcher(Generic[T, R]):
         index: Hashable = None
         if self._dedupe:
             index = item if self._key is None else self._key(item)
-            if batch is not None:
-                assert batch.index is not None
-                try:
-                    slot = batch.index.get(index)
-                except TypeError:
-                    raise TypeError(
-                        f"dedupe=True needs hashable items or a key= function; "
-                        f"cannot hash {index!r}"
-                    ) from None
-                if slot is not None:
-                    if batch.extra is None:
-                        batch.extra = {}
-                    batch.extra.setdefault(slot, []).append(fut)
-                    batch.coalesced += 1
-                    return batch
+            if batch is not None and self._coalesce(batch, index, fut):
+                return batch
         weight: float = 0
         if self._weigh is not None:
             weight = self._weigh(item)
@@ -698,6 +688,95 @@ class Batcher(Generic[T, R]):
         if len(batch.items) >= self._max_size:
             self._seal(batch, "size")
         return batch
+
+    def _coalesce(self, batch: _Batch, index: Hashable, fut: _Fut) -> bool:
+        """With ``dedupe``: join ``fut`` to the slot of an equal item, if any."""
+        assert batch.index is not None
+        try:
+            slot = batch.index.get(index)
+        except TypeError:
+            raise TypeError(
+                f"dedupe=True needs hashable items or a key= function; cannot hash {index!r}"
+            ) from None
+        if slot is None:
+            return False
+        if batch.extra is None:
+            batch.extra = {}
+        batch.extra.setdefault(slot, []).append(fut)
+        batch.coalesced += 1
+        return True
+
+    def _put_key(self, item: T, index: Hashable, fut: _Fut) -> None:
+        """Private, for :class:`DataLoader`: ``submit_nowait`` with the caller's future.
+
+        ``index`` is ``key(item)``, already computed by the caller (its cache
+        key), and ``fut`` a pending future of the bound loop, which the batcher
+        resolves like its own (the loader's futures resolve their waiters in
+        ``set_result``, without a callback hop). With ``dedupe`` and no
+        partition, weight or ``max_pending`` (the loader's defaults) it is
+        ``_put`` without the per-item loop check (a thread-id compare, as in
+        ``submit_nowait``) and without the options' branches; otherwise it is
+        ``submit_nowait``. Raises like ``submit_nowait``.
+        """
+        if self._hot_thread != _get_ident():
+            self._bind()
+        if not self._plain_keyed:
+            if self._put(item, fut) is None:
+                self._rejected += 1
+                raise QueueFull(self._full_message())
+            return
+        batch = self._open.get(None)
+        if batch is None:
+            batch = self._open_batch(None)
+        if self._coalesce(batch, index, fut):
+            return
+        assert batch.index is not None
+        batch.index[index] = len(batch.items)
+        batch.items.append(item)
+        batch.futs.append(fut)
+        self._pending += 1
+        if len(batch.items) >= self._max_size:
+            self._seal(batch, "size")
+
+    def _put_keys(self, items: list[T], indexes: list[Hashable], futs: list[_Fut]) -> None:
+        """Private, for :class:`DataLoader`: :meth:`_put_key` for many items at once.
+
+        ``indexes`` are distinct and hashable (``load_many`` dedupes its keys
+        first). In the loader's configuration the items go into the open
+        batch a slice at a time (list and dict updates done in C); a slice
+        holding an index already in the open batch (a key cleared from the
+        cache and loaded again) goes item by item, to coalesce it. If it
+        raises, the items before the failing one may have been accepted: the
+        caller withdraws them by cancelling their futures.
+        """
+        if self._hot_thread != _get_ident():
+            self._bind()
+        if not self._plain_keyed:
+            for item, ix, fut in zip(items, indexes, futs, strict=True):
+                self._put_key(item, ix, fut)
+            return
+        n = len(items)
+        i = 0
+        while i < n:
+            batch = self._open.get(None)
+            if batch is None:
+                batch = self._open_batch(None)
+            index = batch.index
+            assert index is not None
+            start = len(batch.items)
+            j = min(n, i + self._max_size - start)
+            chunk = indexes[i:j]
+            if index and not index.keys().isdisjoint(chunk):
+                for k in range(i, j):
+                    self._put_key(items[k], indexes[k], futs[k])
+            else:
+                index.update(zip(chunk, range(start, start + j - i), strict=True))
+                batch.items += items[i:j]
+                batch.futs += futs[i:j]
+                self._pending += j - i
+                if len(batch.items) >= self._max_size:
+                    self._seal(batch, "size")
+            i = j
 
     def _open_batch(self, pkey: Hashable) -> _Batch:
         loop = self._bind()
@@ -1103,7 +1182,10 @@ class Batcher(Generic[T, R]):
                 )
                 extra = batch.extra.pop(slot, ()) if batch.extra else ()
                 for waiter in (futs[slot], *extra):
-                    if not waiter.done():
+                    if waiter.done():
+                        # Popped from the batch: the sweep will not see it again.
+                        self._count_cancelled(batch, waiter)
+                    else:
                         waiter.set_exception(dropped)
                         self._dropped += 1
                 if gone is None:

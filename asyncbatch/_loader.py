@@ -2,23 +2,28 @@
 
 How a load travels:
 
-- The cache maps a cache key to the *Batcher's* future for that key (or to a
-  finished future made by :meth:`DataLoader.prime`). A finished future is
-  handed out as it is: cancelling a finished future does nothing, so sharing
-  it is safe.
-- A key that is still loading is a ``_Slot``: its Batcher future, plus the
-  callers waiting on it. Each caller gets its own ``_Waiter`` future, so one
-  caller's cancellation never cancels the load for the others. A waiter
-  counts itself out when it is cancelled; when the last one goes before the
-  result, the slot cancels its Batcher future (the Batcher drops a cancelled
-  item at dispatch, so the batch function never sees the key) and leaves the
-  cache.
-- ``load_many`` joins every slot it needs with one ``_Gather`` future that
-  counts the slots down, instead of a future and a callback per key.
+- A key being loaded is a ``_Key``: one future that is at once the cache
+  entry and the Batcher's future for the key (``Batcher._put_key`` takes it
+  in place of a future of its own). The Batcher resolves it like any of its
+  futures; ``_Key.set_result``/``set_exception``/``cancel`` pass the outcome
+  on to the key's callers there and then: no done-callback, so callers wake
+  in the loop iteration that delivers the batch.
+- A finished key (or a future made by :meth:`DataLoader.prime`) is handed
+  out as it is: cancelling a finished future does nothing, so sharing it is
+  safe.
+- A caller of a key that is still loading gets its own ``_Waiter`` future,
+  so one caller's cancellation never cancels the load for the others. A
+  waiter counts itself out when it is cancelled (it overrides ``cancel()``,
+  which ``Task.cancel``, ``gather`` and timeouts all go through); when the
+  last caller goes before the result, the key cancels its future (the
+  Batcher drops a cancelled item at dispatch, so the batch function never
+  sees the key) and leaves the cache.
+- ``load_many`` joins every key it needs with one ``_Gather`` future that
+  counts the keys down, instead of a future per load.
 
-No task and no callback per caller: a waiter is resolved by its slot's one
-done-callback, and notices its own cancellation by overriding ``cancel()``
-(which ``Task.cancel``, ``gather`` and timeouts all go through).
+No task and no callback per caller, and the loop is checked with a
+thread-id compare per call (``asyncio.get_running_loop`` costs a ``getpid``
+system call per call on Python 3.11).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import threading
 from collections.abc import (
     Awaitable,
     Callable,
@@ -83,97 +89,51 @@ _OWN_OPTIONS = {
 }
 
 
-class _Waiter(asyncio.Future[Any]):
-    """One caller's view of a slot: cancelling it cancels only that caller."""
-
-    __slots__ = ("_slot",)
-    _slot: _Slot
-
-    def cancel(self, msg: Any | None = None) -> bool:
-        if not super().cancel(msg):
-            return False
-        self._slot.leave()
-        return True
+_future_cancel = asyncio.Future.cancel
+_future_exception = asyncio.Future.exception
+_future_result = asyncio.Future.result
+_future_set_exception = asyncio.Future.set_exception
+_future_set_result = asyncio.Future.set_result
+_get_ident = threading.get_ident
 
 
-class _Gather(asyncio.Future[list[Any]]):
-    """The future of one ``load_many`` call: done when its last slot settles."""
+class _Key(asyncio.Future[Any]):
+    """A key being loaded: its cache entry, the Batcher's future, and its callers.
 
-    __slots__ = ("_futs", "_remaining", "_return_exceptions", "_slots")
-    _futs: list[asyncio.Future[Any]]
-    _slots: list[_Slot]
-    _remaining: int
-    _return_exceptions: bool
+    The Batcher resolves it; the overrides below resolve the key's callers
+    (``waiters`` from :meth:`DataLoader.load`, ``gathers`` from
+    :meth:`DataLoader.load_many`) in the same step. ``live`` counts the
+    callers not cancelled. The loader sets every attribute before use. It is
+    handed to a caller only once done, or with ``cache=False``, where a load
+    has it to itself (the Batcher coalesces equal keys of one batch, each
+    with its own future).
+    """
 
-    def cancel(self, msg: Any | None = None) -> bool:
-        if not super().cancel(msg):
-            return False
-        slots, self._slots = self._slots, []
-        for slot in slots:
-            slot.leave()
-        return True
-
-    def finish(self) -> None:
-        # Every future is done now: read them in input order.
-        self._slots = []
-        futs = self._futs
-        try:
-            values = [fut.result() for fut in futs]
-        except BaseException:
-            values = []
-            for fut in futs:
-                try:
-                    values.append(fut.result())
-                except BaseException as exc:
-                    if not self._return_exceptions:
-                        self.set_exception(exc)
-                        return
-                    values.append(exc)
-        self.set_result(values)
-
-
-class _Slot:
-    """A key being loaded: its Batcher future and the callers waiting for it."""
-
-    __slots__ = ("ck", "fut", "gathers", "live", "loader", "waiters")
-
-    def __init__(self, loader: DataLoader[Any, Any], ck: Hashable, fut: asyncio.Future[Any]):
-        self.loader = loader
-        self.ck = ck
-        self.fut = fut
-        self.waiters: list[_Waiter] = []
-        self.gathers: list[_Gather] | None = None
-        self.live = 0  # callers (waiters and gathers) not cancelled
+    __slots__ = ("ck", "gathers", "live", "loader", "waiters")
+    loader: DataLoader[Any, Any] | None  # None once resolved (no reference cycle)
+    ck: Hashable
+    waiters: list[_Waiter] | None
+    gathers: list[_Gather] | None
+    live: int
 
     def leave(self) -> None:
+        """One caller gave up; the last one to go before the result withdraws the key."""
         self.live -= 1
-        if self.live == 0 and not self.fut.done():
-            # Every caller gave up before the result. Forget the key first, so
-            # that a load in this same iteration starts afresh instead of
-            # finding a cancelled future, then withdraw it: before dispatch the
-            # Batcher drops it, after dispatch it drops its result.
-            self.loader._forget(self)
-            self.fut.cancel()
+        if self.live == 0 and not self.done():
+            # Forget the key (in cancel) before the Batcher sees the cancellation,
+            # so that a load in this same iteration starts afresh; before
+            # dispatch the Batcher drops the key, after dispatch its result.
+            self.cancel()
 
-    def settle(self, fut: asyncio.Future[Any]) -> None:
-        """The Batcher resolved the key: pass the outcome to every caller."""
-        self.loader._slots.pop(fut, None)
-        waiters, self.waiters = self.waiters, []
-        if fut.cancelled():
+    def set_result(self, result: Any) -> None:
+        _future_set_result(self, result)
+        self.loader = None
+        waiters = self.waiters
+        if waiters is not None:
+            self.waiters = None
             for waiter in waiters:
-                waiter.cancel()
-        else:
-            exc = fut.exception()
-            if exc is None:
-                value = fut.result()
-                for waiter in waiters:
-                    if not waiter.done():
-                        waiter.set_result(value)
-            else:
-                self.loader._forget(self)  # a failed load is not cached
-                for waiter in waiters:
-                    if not waiter.done():
-                        waiter.set_exception(exc)
+                if not waiter.done():
+                    _future_set_result(waiter, result)
         gathers = self.gathers
         if gathers is not None:
             self.gathers = None
@@ -182,6 +142,116 @@ class _Slot:
                     gather._remaining -= 1
                     if gather._remaining == 0:
                         gather.finish()
+
+    def set_exception(self, exception: BaseException | type[BaseException]) -> None:
+        _future_set_exception(self, exception)
+        error = _future_exception(self)  # retrieved: its callers get it
+        assert error is not None
+        loader = self.loader
+        self.loader = None
+        if loader is not None:
+            loader._forget(self)  # a failed load is not cached
+        waiters = self.waiters
+        if waiters is not None:
+            self.waiters = None
+            for waiter in waiters:
+                if not waiter.done():
+                    _future_set_exception(waiter, error)
+        if self.gathers is not None:
+            self._count_down()
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        # Every caller left (leave), or someone cancelled the cache entry
+        # itself: its callers are cancelled with it.
+        if not _future_cancel(self, msg):
+            return False
+        loader = self.loader
+        self.loader = None
+        if loader is not None:
+            loader._forget(self)  # a cancelled load is not cached
+        waiters = self.waiters
+        if waiters is not None:
+            self.waiters = None
+            for waiter in waiters:
+                _future_cancel(waiter, msg)
+        if self.gathers is not None:
+            self._count_down()
+        return True
+
+    def _count_down(self) -> None:
+        gathers = self.gathers
+        assert gathers is not None
+        self.gathers = None
+        for gather in gathers:
+            if not gather.done():
+                gather._remaining -= 1
+                if gather._remaining == 0:
+                    gather.finish()
+
+
+class _Waiter(asyncio.Future[Any]):
+    """One caller's view of a key: cancelling it cancels only that caller."""
+
+    __slots__ = ("_key",)
+    _key: _Key
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        if not _future_cancel(self, msg):
+            return False
+        self._key.leave()
+        return True
+
+
+class _Gather(asyncio.Future[list[Any]]):
+    """The future of one ``load_many`` call: done when its last key settles.
+
+    ``_remaining`` counts the keys it waits for that are not resolved yet.
+    It starts at 0 and is raised by the number of keys once they are all
+    joined: a key resolved while ``load_many`` still runs (an eager task
+    factory can run a whole batch at once) takes it below 0, never to 0.
+    """
+
+    __slots__ = ("_cks", "_futs", "_keys", "_remaining", "_return_exceptions")
+    _cks: list[Hashable]  # every load's cache key, in input order
+    _futs: dict[Hashable, Any]  # each distinct cache key's future (None until joined)
+    _keys: list[_Key]  # the keys it waits for
+    _remaining: int
+    _return_exceptions: bool
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        if not _future_cancel(self, msg):
+            return False
+        for key in self._keys:
+            key.leave()
+        return True
+
+    def finish(self) -> None:
+        # Every future is done now: one read per distinct key, then the
+        # values in input order (both loops in C).
+        futs = self._futs
+        try:
+            values = dict(zip(futs, map(_future_result, futs.values()), strict=True))
+        except BaseException:
+            self._finish_with_errors()
+            return
+        self.set_result(list(map(values.__getitem__, self._cks)))
+
+    def _finish_with_errors(self) -> None:
+        futs = self._futs
+        values: list[Any] = []
+        for ck in self._cks:
+            try:
+                values.append(futs[ck].result())
+            except BaseException as exc:
+                if not self._return_exceptions:
+                    self.set_exception(exc)
+                    return
+                values.append(exc)
+        self.set_result(values)
+
+
+def _not_running() -> bool:
+    return False
 
 
 class DataLoader(Generic[K, V]):
@@ -295,8 +365,11 @@ class DataLoader(Generic[K, V]):
         self._cache: MutableMapping[Any, asyncio.Future[V]] | None = None
         if cache:
             self._cache = {} if cache_map is None else cache_map
-        self._slots: dict[asyncio.Future[Any], _Slot] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Per call, the loop is checked as "on the bound loop's thread, and that
+        # loop is running" (then it is the running loop); see _check_loop.
+        self._thread: int | None = None
+        self._running: Callable[[], bool] = _not_running
 
     # ----------------------------------------------------------------- loading
 
@@ -325,29 +398,45 @@ class DataLoader(Generic[K, V]):
         its batch is dispatched, the key is withdrawn from the batch and is
         not cached.
         """
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:
-            self._bind(loop)
+        if self._thread != _get_ident() or not self._running():
+            self._check_loop()
         ck: Hashable = key if self._cache_key is None else self._cache_key(key)
         cache = self._cache
-        if cache is not None:
-            try:
-                fut = cache.get(ck)
-            except TypeError:
-                raise _unhashable(key) from None
-            if fut is not None:
-                if fut.done():
-                    return fut
-                slot = self._slots.get(fut) or self._submit(key, ck)
-            else:
-                slot = self._submit(key, ck)
-        else:
-            slot = self._submit(key, ck)
-        # Inlined _Slot.join: this is the hot path.
-        waiter = _Waiter(loop=loop)
-        waiter._slot = slot
-        slot.waiters.append(waiter)
-        slot.live += 1
+        if cache is None:
+            # Not shared with anyone (equal keys of one batch share the Batcher's
+            # slot, each with its own future): the key's future is the caller's.
+            kf = self._new_key(ck)
+            kf.live = 1
+            self._batcher._put_key(key, ck, kf)
+            return kf
+        try:
+            fut = cache.get(ck)
+        except TypeError:
+            raise _unhashable(key) from None
+        if fut is not None:
+            if fut.done():
+                return fut
+            if type(fut) is _Key and fut.loader is self:
+                waiter = _Waiter(loop=self._loop)
+                waiter._key = fut
+                if fut.waiters is None:
+                    fut.waiters = [waiter]
+                else:
+                    fut.waiters.append(waiter)
+                fut.live += 1
+                return waiter
+            # else: a pending future someone else put in the cache; replace it
+        waiter = _Waiter(loop=self._loop)
+        kf = self._new_key(ck)
+        kf.waiters = [waiter]
+        kf.live = 1
+        waiter._key = kf
+        cache[ck] = kf
+        try:
+            self._batcher._put_key(key, ck, kf)
+        except BaseException:
+            kf.cancel()  # uncached
+            raise
         return waiter
 
     @overload
@@ -366,73 +455,118 @@ class DataLoader(Generic[K, V]):
         """Load several keys: a future of their values, in input order.
 
         The same as gathering :meth:`load` of each key, without a future per
-        key. With ``return_exceptions=False`` the first failure in input order
-        is raised once every key is resolved; with ``True`` failures are
+        key: ``keys`` is read once, at the call, and a key repeated in it is
+        loaded once (also with ``cache=False``). With
+        ``return_exceptions=False`` the first failure in input order is
+        raised once every key is resolved; with ``True`` failures are
         returned in place of values. Cancelling it cancels its interest in
         every key (keys nobody else waits for are withdrawn, as with
-        :meth:`load`). Raises at once like :meth:`load`.
+        :meth:`load`). Raises at once like :meth:`load`; then none of its
+        keys is loaded for it.
         """
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:
-            self._bind(loop)
-        gather = _Gather(loop=loop)
-        futs: list[asyncio.Future[Any]] = []
-        joined: list[_Slot] = []
-        gather._futs = futs
-        gather._slots = joined
-        gather._return_exceptions = return_exceptions
-        cache = self._cache
-        slots = self._slots
+        if self._thread != _get_ident() or not self._running():
+            self._check_loop()
+        loop = self._loop
         cache_key = self._cache_key
+        # The per-load work is done in C: copy the keys, find the distinct ones
+        # (in first-seen order); finish() maps the values back onto the loads.
+        keys = list(keys)
+        cks: list[Any] = keys if cache_key is None else list(map(cache_key, keys))
         try:
-            for key in keys:
-                ck: Hashable = key if cache_key is None else cache_key(key)
-                slot = None
+            futs: dict[Any, Any] = dict.fromkeys(cks)
+        except TypeError:
+            raise _unhashable(_first_unhashable(keys, cks)) from None
+        # The key object to load for each cache key: the first one seen.
+        firsts = (
+            None if cache_key is None else dict(zip(reversed(cks), reversed(keys), strict=True))
+        )
+        gather = _Gather(loop=loop)
+        joined: list[_Key] = []
+        gather._cks = cks
+        gather._futs = futs
+        gather._keys = joined
+        gather._return_exceptions = return_exceptions
+        gather._remaining = 0
+        cache = self._cache
+        new_keys: list[Any] = []  # submitted together after the loop
+        new_cks: list[Hashable] = []
+        new_futs: list[asyncio.Future[Any]] = []
+        try:
+            for ck in futs:
                 if cache is not None:
-                    try:
-                        fut = cache.get(ck)
-                    except TypeError:
-                        raise _unhashable(key) from None
+                    fut = cache.get(ck)
                     if fut is not None:
                         if fut.done():
-                            futs.append(fut)
+                            futs[ck] = fut
                             continue
-                        slot = slots.get(fut)
-                if slot is None:
-                    slot = self._submit(key, ck)
-                gathers = slot.gathers
-                if gathers is None:
-                    slot.gathers = [gather]
-                elif gathers[-1] is not gather:
-                    gathers.append(gather)
-                else:  # a repeated key: this call already waits for it
-                    futs.append(slot.fut)
-                    continue
-                slot.live += 1
-                joined.append(slot)
-                futs.append(slot.fut)
+                        if type(fut) is _Key and fut.loader is self:
+                            gathers = fut.gathers
+                            if gathers is None:
+                                fut.gathers = [gather]
+                            else:
+                                gathers.append(gather)
+                            fut.live += 1
+                            joined.append(fut)
+                            futs[ck] = fut
+                            continue
+                        # else: a pending future someone else put in the cache
+                kf = _Key(loop=loop)
+                kf.loader = self
+                kf.ck = ck
+                kf.waiters = None
+                kf.gathers = [gather]
+                kf.live = 1
+                futs[ck] = kf
+                if cache is not None:
+                    cache[ck] = kf
+                joined.append(kf)
+                new_keys.append(ck if firsts is None else firsts[ck])
+                new_cks.append(ck)
+                new_futs.append(kf)
+            if new_futs:
+                self._batcher._put_keys(new_keys, new_cks, new_futs)
         except BaseException:
+            # Withdraws every key this call alone wanted, submitted or not.
             gather.cancel()
             raise
-        gather._remaining = len(joined)
-        if not joined:
+        gather._remaining += len(joined)
+        if gather._remaining == 0 and not gather.done():
             gather.finish()
         return gather
 
-    def _submit(self, key: K, ck: Hashable) -> _Slot:
-        fut = self._batcher.submit_nowait(key)
-        slot = _Slot(self, ck, fut)
-        self._slots[fut] = slot
-        fut.add_done_callback(slot.settle)
-        if self._cache is not None:
-            self._cache[ck] = fut
-        return slot
+    def _new_key(self, ck: Hashable) -> _Key:
+        kf = _Key(loop=self._loop)
+        kf.loader = self
+        kf.ck = ck
+        kf.waiters = None
+        kf.gathers = None
+        return kf
 
-    def _forget(self, slot: _Slot) -> None:
-        self._slots.pop(slot.fut, None)
+    def _forget(self, kf: _Key) -> None:
+        """Drop a key that failed or was withdrawn from the cache (if still there)."""
         cache = self._cache
-        if cache is not None and cache.get(slot.ck) is slot.fut:
-            del cache[slot.ck]
+        if cache is None:
+            return
+        ck = kf.ck
+        try:
+            if cache.get(ck) is kf:
+                del cache[ck]
+        except Exception as exc:  # a user's cache_map; the Batcher is delivering
+            assert self._loop is not None
+            self._loop.call_exception_handler(
+                {
+                    "message": f"cache_map of {self!r} raised while forgetting {ck!r}",
+                    "exception": exc,
+                }
+            )
+
+    def _check_loop(self) -> None:
+        """The slow path of the per-call loop check: bind, rebind or refuse."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._bind(loop)
+        self._thread = _get_ident()
+        self._running = loop.is_running
 
     def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
         bound = self._loop
@@ -444,7 +578,6 @@ class DataLoader(Generic[K, V]):
                     "loader per request (and so per loop), not one per process"
                 )
             # The old loop is gone, and its futures with it.
-            self._slots.clear()
             if self._cache is not None:
                 self._cache.clear()
         self._loop = loop
@@ -462,9 +595,9 @@ class DataLoader(Generic[K, V]):
         cache = self._cache
         if cache is None:
             return self
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:
-            self._bind(loop)
+        self._check_loop()
+        loop = self._loop
+        assert loop is not None
         ck = key if self._cache_key is None else self._cache_key(key)
         if ck in cache:
             return self
@@ -526,9 +659,7 @@ class DataLoader(Generic[K, V]):
         await self._batcher.aclose(cancel=cancel)
 
     async def __aenter__(self) -> Self:
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:
-            self._bind(loop)
+        self._check_loop()
         await self._batcher.__aenter__()
         return self
 
@@ -538,7 +669,9 @@ class DataLoader(Generic[K, V]):
     def __repr__(self) -> str:
         cached = "off" if self._cache is None else len(self._cache)
         state = "closed" if self._batcher.closed else "open"
-        return f"<DataLoader {self._name!r} [{state}] cached={cached} loading={len(self._slots)}>"
+        stats = self._batcher.stats
+        loading = stats.pending + stats.in_flight  # keys: one Batcher slot each
+        return f"<DataLoader {self._name!r} [{state}] cached={cached} loading={loading}>"
 
 
 def _checked(fn: BatchLoadFn[K, V], name: str) -> BatchLoadFn[K, V]:
@@ -565,6 +698,15 @@ def _checked(fn: BatchLoadFn[K, V], name: str) -> BatchLoadFn[K, V]:
         return result
 
     return sink
+
+
+def _first_unhashable(keys: list[Any], cks: list[Hashable]) -> object:
+    for key, ck in zip(keys, cks, strict=True):
+        try:
+            hash(ck)
+        except TypeError:
+            return key
+    return None  # pragma: no cover - only called when one of them is unhashable
 
 
 def _unhashable(key: object) -> TypeError:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from typing import Any, assert_type
 
 import pytest
 
-from asyncbatch import BatcherClosed, BatchReport, DataLoader, ResultMismatch
+from asyncbatch import BatcherClosed, BatchReport, DataLoader, QueueFull, ResultMismatch
 
 
 class Recorder:
@@ -469,6 +470,85 @@ async def test_load_many_with_a_primed_failure() -> None:
         await loader.load_many([1, 2])
 
 
+async def test_load_many_loads_a_repeated_key_once_and_answers_every_occurrence() -> None:
+    rec = Recorder(lambda keys: [KeyError(k) if k == 2 else f"v{k}" for k in keys])
+    loader: DataLoader[int, str] = DataLoader(rec)
+    result = await loader.load_many([3, 1, 3, 2, 1, 2], return_exceptions=True)
+    assert result[:2] == ["v3", "v1"]
+    assert result[2] == "v3"
+    assert result[4] == "v1"
+    assert isinstance(result[3], KeyError)
+    assert result[5] is result[3]
+    assert rec.calls == [[3, 1, 2]]
+    assert loader.stats.submitted == 3
+
+
+async def test_load_many_without_cache_loads_a_repeated_key_once_across_batches() -> None:
+    rec = Recorder()
+    loader: DataLoader[int, str] = DataLoader(rec, cache=False, max_batch_size=2)
+    assert await loader.load_many([1, 2, 1, 3, 2]) == ["v1", "v2", "v1", "v3", "v2"]
+    assert rec.calls == [[1, 2], [3]]
+
+
+async def test_load_many_with_cache_key_loads_the_first_key_object_seen() -> None:
+    rec = Recorder(lambda keys: [k["id"] * 10 for k in keys])
+    loader: DataLoader[dict[str, int], int] = DataLoader(rec, cache_key=lambda k: k["id"])
+    a, b, c = {"id": 1}, {"id": 1}, {"id": 2}
+    assert await loader.load_many([a, c, b]) == [10, 20, 10]
+    assert rec.calls == [[a, c]]
+    assert rec.calls[0][0] is a
+
+
+async def test_load_many_of_a_key_cleared_while_pending_shares_the_open_batch_slot() -> None:
+    rec = Recorder()
+    loader: DataLoader[int, str] = DataLoader(rec)
+    first = loader.load(1)
+    loader.clear(1)  # a new load of 1 starts, but the batch still holds 1
+    assert await loader.load_many([2, 1, 3]) == ["v2", "v1", "v3"]
+    assert await first == "v1"
+    assert rec.calls == [[1, 2, 3]]  # keys deduplicated within the batch
+
+
+async def test_load_many_with_an_unhashable_cache_key_is_a_clear_type_error() -> None:
+    def listed(key: int) -> Any:
+        return [key]
+
+    loader: DataLoader[int, str] = DataLoader(Recorder(), cache_key=listed)
+    with pytest.raises(TypeError, match=r"keys must be hashable.*cannot hash 2"):
+        loader.load_many([2])
+    with pytest.raises(TypeError, match="keys must be hashable"):
+        loader.load(2)
+
+
+async def test_load_many_refused_midway_withdraws_the_keys_it_submitted() -> None:
+    rec = Recorder()
+    loader: DataLoader[int, str] = DataLoader(rec, max_pending=2, overflow="reject")
+    with pytest.raises(QueueFull):
+        loader.load_many([1, 2, 3])
+    await spin()
+    assert rec.calls == []  # 1 and 2 were withdrawn
+    assert repr(loader).endswith("cached=0 loading=0>")
+    assert await loader.load_many([1, 2]) == ["v1", "v2"]
+    assert rec.calls == [[1, 2]]
+
+
+async def test_load_many_with_partitions() -> None:
+    rec = Recorder()
+    loader: DataLoader[int, str] = DataLoader(rec, partition=lambda k: k % 2)
+    assert await loader.load_many([1, 2, 3, 4, 1]) == ["v1", "v2", "v3", "v4", "v1"]
+    assert sorted(rec.calls) == [[1, 3], [2, 4]]
+
+
+async def test_load_many_may_be_given_any_iterable_and_copies_it() -> None:
+    rec = Recorder()
+    loader: DataLoader[int, str] = DataLoader(rec)
+    keys = [1, 2]
+    fut = loader.load_many(iter(keys))
+    again = loader.load_many(keys)
+    keys.append(3)  # after the call: not part of it
+    assert await gather_list(fut, again) == [["v1", "v2"], ["v1", "v2"]]
+
+
 # ---------------------------------------------------------------- cancellation
 
 
@@ -615,6 +695,87 @@ async def test_load_many_cancelled_after_it_finished_is_a_no_op() -> None:
     assert await fut == ["v1"]
     assert not fut.cancel()
     assert await loader.load(1) == "v1"
+
+
+async def test_a_finished_key_is_shared_a_pending_one_is_not() -> None:
+    loader: DataLoader[int, str] = DataLoader(Recorder())
+    first, second = loader.load(1), loader.load(1)
+    assert first is not second  # each caller of a pending key has its own future
+    await first
+    assert loader.load(1) is loader.load(1)  # cancelling a done future does nothing
+
+
+async def test_without_cache_cancelling_one_load_leaves_the_others() -> None:
+    rec = Recorder()
+    loader: DataLoader[int, str] = DataLoader(rec, cache=False)
+    gone, stays = loader.load(1), loader.load(1)
+    gone.cancel()
+    assert await stays == "v1"
+    assert rec.calls == [[1]]
+    alone = loader.load(2)
+    alone.cancel()
+    await spin()
+    assert rec.calls == [[1]]  # withdrawn
+
+
+async def test_callers_wake_in_the_iteration_that_delivers_the_batch() -> None:
+    loop = asyncio.get_running_loop()
+    seen: list[bool] = []
+    futs: list[asyncio.Future[Any]] = []
+
+    async def fn(keys: list[int]) -> list[int]:
+        # Runs right after the sink returns and the batch is delivered: no
+        # callback hop between the Batcher and the loader's callers.
+        loop.call_soon(lambda: seen.extend(f.done() for f in futs))
+        return keys
+
+    loader: DataLoader[int, int] = DataLoader(fn)
+    futs += [loader.load(1), loader.load(1), loader.load_many([1, 2])]
+    assert await gather_list(*futs) == [1, 1, [1, 2]]
+    assert seen == [True, True, True]
+
+
+async def test_cancelling_a_pending_cache_entry_cancels_its_callers() -> None:
+    rec = Recorder()
+    cache_map: dict[Any, asyncio.Future[str]] = {}
+    loader: DataLoader[int, str] = DataLoader(rec, cache_map=cache_map)
+    one = loader.load(1)
+    many = loader.load_many([1, 2], return_exceptions=True)
+    cache_map[1].cancel()
+    assert one.cancelled()
+    result = await many
+    assert isinstance(result[0], asyncio.CancelledError)
+    assert result[1] == "v2"
+    assert rec.calls == [[2]]
+    assert await loader.load(1) == "v1"  # not cached
+
+
+async def test_a_cache_map_failing_to_forget_a_failed_key_does_not_strand_callers() -> None:
+    class Sticky(dict[Any, Any]):
+        def __delitem__(self, key: Any) -> None:
+            raise RuntimeError("sticky")
+
+    reported: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: reported.append(ctx))
+    rec = Recorder(lambda keys: [ValueError(k) for k in keys])
+    loader: DataLoader[int, str] = DataLoader(rec, cache_map=Sticky())
+    with pytest.raises(ValueError, match="1"):
+        await loader.load(1)
+    many = await loader.load_many([1, 2], return_exceptions=True)
+    assert [type(r) for r in many] == [ValueError, ValueError]
+    assert len(reported) == 2
+    assert "raised while forgetting" in reported[0]["message"]
+    assert isinstance(reported[0]["exception"], RuntimeError)
+
+
+async def test_a_loader_is_freed_without_the_cycle_collector() -> None:
+    rec = Recorder()
+    loader: DataLoader[int, str] = DataLoader(rec)
+    assert await loader.load_many([1, 2]) == ["v1", "v2"]
+    assert await loader.load(3) == "v3"
+    ref = weakref.ref(loader)
+    del loader
+    assert ref() is None
 
 
 # --------------------------------------------------------------- nested loads
@@ -792,6 +953,26 @@ def test_rebinds_once_the_first_loop_is_closed() -> None:
     assert asyncio.run(use()) == "v1"
     assert asyncio.run(use()) == "v1"
     assert rec.calls == [[1], [1]]  # the cache went with the first loop
+
+
+def test_use_from_a_second_loop_of_the_same_thread_while_the_first_is_open() -> None:
+    rec = Recorder()
+    loader: DataLoader[int, str] = DataLoader(rec)
+
+    async def use() -> str:
+        return await loader.load(1)
+
+    first, second = asyncio.new_event_loop(), asyncio.new_event_loop()
+    try:
+        assert first.run_until_complete(use()) == "v1"
+        with pytest.raises(RuntimeError, match="bound to another event loop"):
+            second.run_until_complete(use())  # a cache hit, still refused
+        first.close()
+        assert second.run_until_complete(use()) == "v1"  # rebound, cache emptied
+        assert rec.calls == [[1], [1]]
+    finally:
+        first.close()
+        second.close()
 
 
 def test_rebinds_without_a_cache_too() -> None:
