@@ -5,12 +5,13 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: help venv test lint typecheck pytest demo bench clean
+.PHONY: help venv test lint typecheck pytest demo bench bench-compare clean
 
 help:
 	@echo "make demo   - live batching demo (sets up .venv first)"
 	@echo "make test   - ruff + mypy --strict + pytest (asyncio and uvloop) with coverage"
 	@echo "make bench  - per-item overhead benchmark (asyncio and uvloop)"
+	@echo "make bench-compare - asyncbatch vs the alternatives (own venv: .venv-bench)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +48,16 @@ demo: $(VENV)/.stamp-base
 
 bench: $(VENV)/.stamp-bench
 	$(PY) benchmarks/overhead.py $(BENCH_ARGS)
+
+# The competitors (Ray among them) live in their own venv, never in the test one.
+.venv-bench/.stamp: pyproject.toml benchmarks/requirements-compare.txt
+	$(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/python -m pip install --quiet --disable-pip-version-check \
+		-e . -r benchmarks/requirements-compare.txt
+	@touch $@
+
+bench-compare: .venv-bench/.stamp
+	.venv-bench/bin/python benchmarks/compare.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .coverage htmlcov
