@@ -209,6 +209,7 @@ class Batcher(Generic[T, R]):
         "_ready",
         "_reasons",
         "_rejected",
+        "_reserved",
         "_retry",
         "_seq",
         "_sink",
@@ -303,6 +304,7 @@ class Batcher(Generic[T, R]):
         self._ready: deque[_Batch] = deque()
         self._inflight: dict[_Batch, asyncio.Task[None]] = {}
         self._putters: deque[_Fut] = deque()
+        self._reserved = 0  # room held for woken putters that have not run yet
         self._busy = 0
         self._seq = itertools.count()
         self._closing: asyncio.Future[None] | None = None
@@ -582,6 +584,9 @@ class Batcher(Generic[T, R]):
             tasks = list(self._inflight.values())
             if tasks:  # cancelled ones finish their last step
                 await asyncio.wait(tasks)
+            # Done-callbacks of the items resolved last are already scheduled:
+            # let them run before the caller goes on (e.g. to read its counts).
+            await asyncio.sleep(0)
         finally:
             self._state = _State.CLOSED
             self._closing.set_result(None)
@@ -655,7 +660,8 @@ class Batcher(Generic[T, R]):
             if not weight >= 0:
                 raise ValueError(f"weigh(item) must be a number >= 0, got {weight!r}")
         if self._max_pending is not None and (
-            self._pending >= self._max_pending or (self._putters and not waited)
+            self._pending + (0 if waited else self._reserved) >= self._max_pending
+            or (self._putters and not waited)
         ):
             if self._overflow != "drop_oldest" or not self._drop_oldest():
                 return None
@@ -1233,13 +1239,15 @@ class Batcher(Generic[T, R]):
                 async with asyncio.timeout_at(deadline):
                     await putter
             except BaseException as exc:
+                woken = putter.done() and not putter.cancelled() and putter.exception() is None
                 if not putter.done():
                     putter.cancel()
-                try:
-                    self._putters.remove(putter)
-                except ValueError:
-                    # Woken but leaving: pass the room on to the next in line.
+                if woken:
+                    # Woken but leaving: pass the reserved room on to the next in line.
+                    self._reserved -= 1
                     self._wake_putters()
+                elif putter in self._putters:
+                    self._putters.remove(putter)
                 if isinstance(exc, TimeoutError):
                     self._rejected += 1
                     raise TimeoutError(
@@ -1247,6 +1255,7 @@ class Batcher(Generic[T, R]):
                         "within the submit timeout"
                     ) from None
                 raise
+            self._reserved -= 1  # the room held for this putter is its to take now
             if self._state is not _State.RUNNING:
                 raise BatcherClosed(f"{self!r} was closed")
             batch = self._put(item, fut, waited=True)
@@ -1256,11 +1265,13 @@ class Batcher(Generic[T, R]):
     def _wake_putters(self) -> None:
         if not self._putters or self._max_pending is None:
             return
-        room = self._max_pending - self._pending
+        room = self._max_pending - self._pending - self._reserved
         while room > 0 and self._putters:
             putter = self._putters.popleft()
             if not putter.done():
                 putter.set_result(None)
+                # Held until that putter runs: newcomers must not take it first.
+                self._reserved += 1
                 room -= 1
 
     def _full_message(self) -> str:

@@ -305,3 +305,13 @@ def test_items_stranded_on_a_closed_loop_fail_the_next_loop_instead_of_hanging()
     scenario()
     with pytest.warns(ResourceWarning):
         gc.collect()
+
+
+async def test_aclose_lets_done_callbacks_of_the_last_batch_run() -> None:
+    seen: list[int] = []
+    b = Batcher(RecordingSink())
+    for i in range(3):
+        b.submit_nowait(i).add_done_callback(lambda f: seen.append(f.result()))
+    await settle(2)  # the batch is delivered; its callbacks are only scheduled
+    await b.aclose()
+    assert sorted(seen) == [0, 10, 20]
