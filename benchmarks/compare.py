@@ -148,7 +148,7 @@ class Plan:
     sweep_fixed: float = 0.002
     sweep_per_item: float = 50e-6
     sweep_seconds: float = 1.0
-    sweep_repeat: int = 3
+    sweep_repeat: int = 4
     #: After the last arrival, wait this long for the backlog before calling it overload.
     sweep_drain: float = 1.0
 
@@ -1567,6 +1567,7 @@ _STYLES: dict[str, tuple[str, str]] = {
     "floor-coro": ("#bcbd22", "h"),
     "asyncbatch": ("#d62728", "o"),
     "asyncbatch-defaults": ("#ff9896", "s"),
+    "asyncbatch-nowait": ("#e377c2", "p"),
     "aiodataloader": ("#1f77b4", "^"),
     "strawberry": ("#9467bd", "v"),
     "ray-serve": ("#2ca02c", "D"),

@@ -156,6 +156,14 @@ SYSTEMS: tuple[System, ...] = (
         "(max_size=128, max_wait=0, max_concurrency=1)",
     ),
     System(
+        key="asyncbatch-nowait",
+        label="asyncbatch submit_nowait",
+        opener="_asyncbatch:open_nowait",
+        config="the `asyncbatch` configuration, called through `submit_nowait(x)`, which "
+        "returns the item's future (no coroutine per item), as a DataLoader's `load` does",
+        cannot=dict.fromkeys(("low-load", "mid-load", "sweep"), _WORKLOAD_1_ONLY),
+    ),
+    System(
         key="aiodataloader",
         label="aiodataloader",
         opener="_dataloaders:open_aiodataloader",
