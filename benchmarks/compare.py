@@ -46,7 +46,7 @@ Usage (from the repository root, in the benchmark virtualenv)::
     python3 -m venv .venv-bench
     .venv-bench/bin/pip install -e . -r benchmarks/requirements-compare.txt
     .venv-bench/bin/python benchmarks/compare.py            # full run, ~15 min
-    .venv-bench/bin/python benchmarks/compare.py --quick    # smoke run, ~1 min
+    .venv-bench/bin/python benchmarks/compare.py --quick    # smoke run, ~2 min
     .venv-bench/bin/python benchmarks/compare.py --workloads throughput,alloc \\
         --systems asyncbatch,aiodataloader --loop uvloop --out /tmp/r.md
 

@@ -634,6 +634,7 @@ class ChaosMachine(RuleBasedStateMachine):
         assert not b._waiting
         assert not b._inflight
         assert not b._putters
+        assert b._reserved == 0  # no room held for a woken submitter
         assert asyncio.all_tasks(loop) == set(), asyncio.all_tasks(loop)
         handles = [*getattr(loop, "_scheduled", ()), *getattr(loop, "_ready", ())]
         assert [h for h in handles if not h.cancelled() and _owner(h) is b] == []
@@ -651,7 +652,7 @@ class ChaosMachine(RuleBasedStateMachine):
         if config["max_pending"] is not None and config["overflow"] == "block":
             # Items that wait for room are accepted in the order they queued,
             # not in the order of their ids: a submit_many's later items queue
-            # behind callers that came after it (and see the bug test below).
+            # behind callers that came after it.
             return
         partitions = config["partitions"]
         seen: set[int] = set()
@@ -705,7 +706,7 @@ def test_chaos_state_machine() -> None:
     )
 
 
-# Bugs the state machine found, pinned as plain tests.
+# Bugs found while building this suite, pinned as plain tests.
 
 
 async def test_drop_oldest_counts_a_cancelled_dedupe_partner() -> None:
@@ -733,13 +734,11 @@ async def test_drop_oldest_counts_a_cancelled_dedupe_partner() -> None:
     assert s.submitted == s.succeeded + s.failed + s.cancelled + s.expired + s.dropped
 
 
-async def test_bug_newcomer_takes_the_room_of_a_woken_blocked_submitter() -> None:
-    """``overflow="block"`` is meant to be first come, first served: ``_put``
-    refuses a newcomer while submitters wait in ``_putters``. But a waiter
-    that was just woken (room freed for it) has left ``_putters`` and has not
-    taken its room yet: for that one loop iteration a newcomer takes the room,
-    and the woken submitter goes back to waiting behind it. (This is why the
-    state machine's FIFO check is skipped under ``overflow="block"``.)
+async def test_a_newcomer_cannot_take_the_room_of_a_woken_blocked_submitter() -> None:
+    """``overflow="block"`` is first come, first served. A waiter that was
+    just woken (room freed for it) has not taken its room yet: a newcomer in
+    that loop iteration must not take it. (It could: the woken waiter had
+    left the line, so the newcomer found room and no one waiting.)
     """
     sink = RecordingSink(lambda items: items)
     b = Batcher(sink, max_size=10, max_wait=10, max_pending=1)
