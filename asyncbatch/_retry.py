@@ -20,7 +20,9 @@ class Retry:
     A sink call fails when the sink raises, when it runs past the batcher's
     ``timeout`` (``TimeoutError``), or when its answer does not fit the batch
     (``ResultMismatch``). Such a failure is retried when its type is listed in
-    ``retry_on``; other failures end the batch at once.
+    ``retry_on``; other failures are not retried (but ``isolate=True`` still
+    bisects the batch, whatever the type: a poison item's error is rarely
+    worth retrying but always worth isolating).
 
     Attributes:
         attempts: total tries, the first included (``3``: up to 3 sink calls).
