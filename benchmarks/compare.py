@@ -1070,7 +1070,10 @@ def versions_table(systems: Sequence[System]) -> str:
     rows = []
     for s in systems:
         problem = s.problem()
-        rows.append([s.label, s.version(), "not run: " + problem if problem else "ok", s.config])
+        status = "not run: " + problem if problem else "ok"
+        if not problem and s.cannot:
+            status += f"; not in {', '.join(s.cannot)}: {next(iter(s.cannot.values()))}"
+        rows.append([s.label, s.version(), status, s.config])
     return markdown_table(
         ["system", "version", "status", "configuration (M = max batch size, C = capacity)"],
         rows,
@@ -1880,7 +1883,7 @@ def render(report: Report, out_path: Path, command: str) -> str:
             f"median over the calls, then median of {plan.low_repeat} interleaved runs. "
             "Timer granularity inside the sink does not enter.",
             "",
-            low_load_table(systems, loops, report.low),
+            low_load_table(_able(systems, "low-load"), loops, report.low),
         ]
     if report.mid is not None:
         parts += [
@@ -1893,7 +1896,7 @@ def render(report: Report, out_path: Path, command: str) -> str:
             f"clock; medians of {plan.mid_repeat} interleaved runs. Latency is per call, as "
             "the caller sees it.",
             "",
-            mid_load_table(systems, loops, report.mid),
+            mid_load_table(_able(systems, "mid-load"), loops, report.mid),
         ]
     if report.sweep is not None:
         parts += [
@@ -1913,7 +1916,7 @@ def render(report: Report, out_path: Path, command: str) -> str:
             "C = 1 where a library has a concurrency knob. Median of "
             f"{plan.sweep_repeat} interleaved runs per point.",
             "",
-            sweep_tables(systems, loops, plan, report.sweep),
+            sweep_tables(_able(systems, "sweep"), loops, plan, report.sweep),
         ]
         parts += _images(
             report,
@@ -2093,7 +2096,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if report.w1:
                 report.plots.append(plot_added(systems, loops, report.w1, args.plots))
             if report.sweep:
-                report.plots += plot_sweep(systems, loops, plan, report.sweep, args.plots)
+                report.plots += plot_sweep(
+                    _able(systems, "sweep"), loops, plan, report.sweep, args.plots
+                )
         except Exception as exc:  # a plotting problem must not lose the measurements
             log(f"no plots: {type(exc).__name__}: {exc}")
     command = "python benchmarks/compare.py" + (
