@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import enum
 import functools
+import inspect
 import itertools
+import logging
 import math
 import threading
 import warnings
@@ -25,6 +28,7 @@ from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Se
 from typing import Any, Generic, Literal, Self, TypeAlias, TypeVar, overload
 
 from ._exceptions import BatcherClosed, QueueFull
+from ._observe import MAX_LINKS, Observer, SinkCall
 from ._results import answer_values
 from ._retry import Retry, Retryable
 from ._stats import BatcherStats, BatchReport, DispatchReason
@@ -42,6 +46,11 @@ Overflow = Literal["block", "reject", "drop_oldest"]
 _OVERFLOWS = ("block", "reject", "drop_oldest")
 
 _Fut: TypeAlias = asyncio.Future[Any]
+_log = logging.getLogger("asyncbatch")
+# Set inside each sink task: which batcher's sink is running in this context.
+_IN_SINK: contextvars.ContextVar[Batcher[Any, Any] | None] = contextvars.ContextVar(
+    "asyncbatch_in_sink", default=None
+)
 _done = asyncio.Future.done
 _get_ident = threading.get_ident
 
@@ -64,16 +73,20 @@ class _Batch:
     """
 
     __slots__ = (
+        "calls",
+        "captured",
         "coalesced",
         "counted",
         "cursor",
         "extra",
+        "failed",
         "finished",
         "futs",
         "gone",
         "index",
         "items",
         "on_done",
+        "opened",
         "partition",
         "reason",
         "running",
@@ -102,6 +115,12 @@ class _Batch:
         # Cancelled futures already counted in stats.cancelled by their caller.
         self.counted: set[_Fut] | None = None
         self.on_done: list[_Fut] | None = None
+        self.opened = 0.0  # loop.time() of the first item
+        self.calls = 0  # sink calls made for it
+        # What observers captured at submit (trace context), first MAX_LINKS items.
+        self.captured: list[object] | None = None
+        # (item, error) of its failed items, kept only when someone reads reports.
+        self.failed: list[tuple[Any, BaseException]] | None = None
 
 
 class Batcher(Generic[T, R]):
@@ -180,6 +199,7 @@ class Batcher(Generic[T, R]):
         "_busy",
         "_cancel_on_close",
         "_cancelled",
+        "_capture",
         "_closing",
         "_deadlines",
         "_dedupe",
@@ -197,6 +217,7 @@ class Batcher(Generic[T, R]):
         "_max_size",
         "_max_weight",
         "_name",
+        "_observers",
         "_on_batch",
         "_open",
         "_overflow",
@@ -210,6 +231,7 @@ class Batcher(Generic[T, R]):
         "_reasons",
         "_rejected",
         "_reserved",
+        "_retries",
         "_retry",
         "_seq",
         "_sink",
@@ -288,10 +310,10 @@ class Batcher(Generic[T, R]):
         # max_wait=0 with no heartbeat: every batch is due at the end of the
         # iteration that opened it, armed with call_soon rather than call_at.
         self._soon = max_wait == 0 and interval is None
-        # Nothing to compute per item but the append: submit inlines it.
-        self._plain = partition is None and not dedupe and weigh is None and max_pending is None
-        # The DataLoader's configuration: only the dedupe index to compute (_put_key).
-        self._plain_keyed = partition is None and dedupe and weigh is None and max_pending is None
+        self._observers: tuple[Observer, ...] = ()
+        self._capture: tuple[Callable[[], object], ...] = ()
+        self._plain = self._plain_keyed = False
+        self._choose_paths()
 
         self._state = _State.IDLE
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -322,6 +344,7 @@ class Batcher(Generic[T, R]):
         self._dropped = 0
         self._batches = 0
         self._dispatched_slots = 0
+        self._retries = 0
         self._reasons: dict[str, int] = {}
 
     # ------------------------------------------------------------------ public
@@ -357,6 +380,8 @@ class Batcher(Generic[T, R]):
             peak_pending=max(self._peak_pending, self._pending),
             mean_batch_size=dispatched / self._batches if self._batches else 0.0,
             reasons=dict(self._reasons),
+            retries=self._retries,
+            concurrency_limit=self._max_concurrency,
         )
 
     async def submit(self, item: T, *, timeout: float | None = None) -> R:  # noqa: ASYNC109
@@ -618,6 +643,43 @@ class Batcher(Generic[T, R]):
                 stacklevel=1,
             )
 
+    # --------------------------------------------------------------- observers
+
+    def _choose_paths(self) -> None:
+        """Pick the per-item path: the inlined one needs nothing computed per item."""
+        simple = (
+            self._partition is None
+            and self._weigh is None
+            and self._max_pending is None
+            and not self._capture
+        )
+        self._plain = simple and not self._dedupe
+        # The DataLoader's configuration: only the dedupe index to compute (_put_key).
+        self._plain_keyed = simple and self._dedupe
+
+    def _attach(self, observer: Observer) -> None:
+        """Private, for integrations (see ``_observe``): tell ``observer`` about batches."""
+        if observer in self._observers:
+            return
+        self._observers = (*self._observers, observer)
+        self._capture = tuple(o.capture for o in self._observers if o.capture is not None)
+        self._choose_paths()
+
+    def _detach(self, observer: Observer) -> None:
+        self._observers = tuple(o for o in self._observers if o is not observer)
+        self._capture = tuple(o.capture for o in self._observers if o.capture is not None)
+        self._choose_paths()
+
+    def _notify(self, what: str, call: Callable[[], object]) -> object:
+        """Run one observer hook; its failure goes to the loop's handler, not to callers."""
+        try:
+            return call()
+        except Exception as exc:
+            loop = self._loop
+            assert loop is not None
+            loop.call_exception_handler({"message": f"{what} of {self!r} raised", "exception": exc})
+            return None
+
     # ------------------------------------------------------------ loop binding
 
     def _bind(self) -> asyncio.AbstractEventLoop:
@@ -686,6 +748,8 @@ class Batcher(Generic[T, R]):
         batch.items.append(item)
         batch.futs.append(fut)
         self._pending += 1
+        if self._capture:
+            self._capture_links(batch)
         if self._weigh is not None:
             batch.weight += weight
             if batch.weight >= self._max_weight:
@@ -694,6 +758,16 @@ class Batcher(Generic[T, R]):
         if len(batch.items) >= self._max_size:
             self._seal(batch, "size")
         return batch
+
+    def _capture_links(self, batch: _Batch) -> None:
+        captured = batch.captured
+        if captured is None:
+            captured = batch.captured = []
+        if len(captured) < MAX_LINKS:
+            for capture in self._capture:
+                value = self._notify("observer capture", capture)
+                if value is not None:
+                    captured.append(value)
 
     def _coalesce(self, batch: _Batch, index: Hashable, fut: _Fut) -> bool:
         """With ``dedupe``: join ``fut`` to the slot of an equal item, if any."""
@@ -789,10 +863,11 @@ class Batcher(Generic[T, R]):
         batch = _Batch(pkey, next(self._seq), self._dedupe)
         self._open[pkey] = batch
         self._waiting[batch] = None
+        batch.opened = now = loop.time()
         if self._soon:
             batch.timer = loop.call_soon(self._on_timer, batch, "wait")
             return batch
-        deadline = self._deadlines.first(loop.time())
+        deadline = self._deadlines.first(now)
         if deadline is not None:
             when, tick = deadline
             reason: DispatchReason = "interval" if tick else "wait"
@@ -850,16 +925,19 @@ class Batcher(Generic[T, R]):
         self._reasons[batch.reason] = self._reasons.get(batch.reason, 0) + 1
         self._busy += 1
         self._in_flight += len(items)
+        if self._on_batch is not None or self._observers:
+            batch.failed = []
         loop = self._loop
         assert loop is not None
         task = loop.create_task(self._run(batch, items, futs, extra))
         if not task.done():  # an eager task factory may have finished it already
             self._inflight[batch] = task
-            task.add_done_callback(functools.partial(self._reap, batch, futs, extra))
+            task.add_done_callback(functools.partial(self._reap, batch, items, futs, extra))
 
     def _reap(
         self,
         batch: _Batch,
+        items: list[Any],
         futs: list[_Fut],
         extra: list[list[_Fut]] | None,
         task: asyncio.Task[None],
@@ -869,10 +947,10 @@ class Batcher(Generic[T, R]):
         if batch.finished:
             return
         closed = self._call_cancelled()
-        self._deliver(batch, futs, extra, None, closed)
+        self._deliver(batch, items, futs, extra, None, closed)
         loop = self._loop
         assert loop is not None
-        self._finish(batch, len(futs), loop.time(), 0, closed)
+        self._finish(batch, len(futs), loop.time(), closed)
 
     def _live(
         self,
@@ -911,6 +989,7 @@ class Batcher(Generic[T, R]):
         futs: list[_Fut],
         extra: list[list[_Fut]] | None,
     ) -> None:
+        _IN_SINK.set(self)  # this task's context only: re-entrant calls know their sink
         loop = self._loop
         assert loop is not None
         start = loop.time()
@@ -922,30 +1001,39 @@ class Batcher(Generic[T, R]):
             while True:
                 attempts += 1
                 try:
-                    values = await self._call(items)
+                    values = await self._call(batch, items)
                 except Exception as exc:
-                    if retry is not None and attempts < retry.attempts and retry.retries(exc):
-                        await asyncio.sleep(retry.delay(attempts, exc))
+                    final = isinstance(exc, _SinkMisuse)
+                    if (
+                        not final
+                        and retry is not None
+                        and attempts < retry.attempts
+                        and retry.retries(exc)
+                    ):
+                        delay = retry.delay(attempts, exc)
+                        self._retried(attempts, delay, exc)
+                        await asyncio.sleep(delay)
                         items, futs, extra = self._live(batch, items, futs, extra)
                         if items:
                             continue
                         break
-                    if retry is not None and retry.isolate and len(items) > 1:
-                        calls, error = await self._isolate(batch, items, futs, extra, exc)
-                        attempts += calls
+                    if not final and retry is not None and retry.isolate and len(items) > 1:
+                        error = await self._isolate(batch, items, futs, extra, exc)
                     else:
                         error = exc
-                        self._deliver(batch, futs, extra, None, exc)
+                        self._deliver(batch, items, futs, extra, None, exc)
                 else:
                     again: list[int] | None = None
                     if retry is not None and attempts < retry.attempts:
                         again = []
-                    self._deliver(batch, futs, extra, values, None, again)
+                    self._deliver(batch, items, futs, extra, values, None, again)
                     if again:
                         assert retry is not None
                         # Items the sink marked Retryable go again, on their own,
                         # after the backoff (or the longest retry_after among them).
-                        await asyncio.sleep(max(retry.delay(attempts, values[i]) for i in again))
+                        delay = max(retry.delay(attempts, values[i]) for i in again)
+                        self._retried(attempts, delay, values[again[0]])
+                        await asyncio.sleep(delay)
                         items, futs, extra = self._live(
                             batch,
                             [items[i] for i in again],
@@ -958,14 +1046,25 @@ class Batcher(Generic[T, R]):
         except asyncio.CancelledError:
             closed = self._call_cancelled()
             error = closed
-            self._deliver(batch, futs, extra, None, closed)
+            self._deliver(batch, items, futs, extra, None, closed)
             raise
         except BaseException as exc:
             error = exc
-            self._deliver(batch, futs, extra, None, exc)
+            self._deliver(batch, items, futs, extra, None, exc)
             raise
         finally:
-            self._finish(batch, size, start, attempts, error)
+            self._finish(batch, size, start, error)
+
+    def _retried(self, attempt: int, delay: float, exc: BaseException) -> None:
+        self._retries += 1
+        _log.info(
+            "batcher %r: sink call failed (attempt %d, %s: %s); retrying in %.3f s",
+            self._name,
+            attempt,
+            type(exc).__name__,
+            exc,
+            delay,
+        )
 
     def _call_cancelled(self) -> BatcherClosed:
         if self._cancel_on_close:
@@ -974,23 +1073,59 @@ class Batcher(Generic[T, R]):
             )
         return BatcherClosed(f"the sink call of {self!r} was cancelled")
 
-    async def _call(self, items: list[Any]) -> Sequence[Any]:
-        """One sink call under ``timeout``, its answer mapped onto ``items``."""
+    async def _call(self, batch: _Batch, items: list[Any]) -> Sequence[Any]:
+        """One sink call under ``timeout``, its answer mapped onto ``items``.
+
+        The sink gets a list of its own: it may sort, drain or keep it; the
+        answer is mapped back onto ``items``, which the batcher alone holds.
+        """
+        batch.calls += 1
+        if self._observers:
+            return await self._observed_call(batch, items)
+        return answer_values(self._name, await self._await_sink(items), items, self._key)
+
+    async def _observed_call(self, batch: _Batch, items: list[Any]) -> Sequence[Any]:
+        loop = self._loop
+        assert loop is not None
+        call = SinkCall(self._name, len(items), batch.calls, batch.captured or (), loop.time())
+        tokens = [
+            self._notify("observer call_started", functools.partial(o.call_started, call))
+            for o in self._observers
+        ]
+        error: BaseException | None = None
+        try:
+            return answer_values(self._name, await self._await_sink(items), items, self._key)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            duration = loop.time() - call.start
+            for observer, token in zip(self._observers, tokens, strict=False):
+                self._notify(
+                    "observer call_finished",
+                    functools.partial(observer.call_finished, call, token, duration, error),
+                )
+
+    async def _await_sink(self, items: list[Any]) -> object:
+        awaitable = self._sink(list(items))
+        if not inspect.isawaitable(awaitable):
+            raise _SinkMisuse(
+                f"sink {self._name!r} returned {type(awaitable).__name__}, not an awaitable; "
+                "a sink must be an async function (async def sink(items): ...)"
+            )
         if self._timeout is None:
-            result = await self._sink(items)
-        else:
-            deadline = asyncio.timeout(self._timeout)
-            try:
-                async with deadline:
-                    result = await self._sink(items)
-            except TimeoutError:
-                if not deadline.expired():
-                    raise  # the sink's own TimeoutError
-                raise TimeoutError(
-                    f"sink {self._name!r} did not answer within {self._timeout} s "
-                    f"(batch of {len(items)} items)"
-                ) from None
-        return answer_values(self._name, result, items, self._key)
+            return await awaitable
+        deadline = asyncio.timeout(self._timeout)
+        try:
+            async with deadline:
+                return await awaitable
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # the sink's own TimeoutError
+            raise TimeoutError(
+                f"sink {self._name!r} did not answer within {self._timeout} s "
+                f"(batch of {len(items)} items)"
+            ) from None
 
     async def _isolate(
         self,
@@ -999,17 +1134,16 @@ class Batcher(Generic[T, R]):
         futs: list[_Fut],
         extra: list[list[_Fut]] | None,
         exc: Exception,
-    ) -> tuple[int, BaseException | None]:
+    ) -> BaseException | None:
         """Bisect a failed batch so that only items failing alone get an error.
 
         Halves run one after the other, left first, one try each. Returns the
-        sink calls made and the error of the last item that failed alone
-        (``None`` if in the end every item got a result).
+        error of the last item that failed alone (``None`` if in the end
+        every item got a result).
         """
         if len(items) == 1:
-            self._deliver(batch, futs, extra, None, exc)
-            return 0, exc
-        calls = 0
+            self._deliver(batch, items, futs, extra, None, exc)
+            return exc
         error: BaseException | None = None
         mid = len(items) // 2
         for lo, hi in ((0, mid), (mid, len(items))):
@@ -1017,24 +1151,20 @@ class Batcher(Generic[T, R]):
             h_items, h_futs, h_extra = self._live(batch, items[lo:hi], futs[lo:hi], part_extra)
             if not h_items:
                 continue
-            calls += 1
             try:
-                values = await self._call(h_items)
+                values = await self._call(batch, h_items)
             except Exception as half_exc:
-                sub_calls, sub_error = await self._isolate(
-                    batch, h_items, h_futs, h_extra, half_exc
-                )
-                calls += sub_calls
-                error = sub_error or error
+                error = await self._isolate(batch, h_items, h_futs, h_extra, half_exc) or error
             else:
-                self._deliver(batch, h_futs, h_extra, values, None)
-        return calls, error
+                self._deliver(batch, h_items, h_futs, h_extra, values, None)
+        return error
 
     # ----------------------------------------------------------------- results
 
     def _deliver(
         self,
         batch: _Batch,
+        items: list[Any],
         futs: list[_Fut],
         extra: list[list[_Fut]] | None,
         values: Sequence[Any] | None,
@@ -1045,52 +1175,68 @@ class Batcher(Generic[T, R]):
 
         Callers that already left (cancelled, expired, dropped) are skipped:
         a finished future is never touched again. With ``again`` (a list), the
-        slots whose value is :class:`Retryable` are left unresolved and listed
-        there; without it their callers get the wrapped error.
+        slots whose value is :class:`Retryable` and that still have a caller
+        are left unresolved and listed there; without it their callers get
+        the wrapped error. Nothing here raises before every caller is served.
         """
         resolved = failed = 0
+        report = batch.failed
         if values is None:
-            for fut in futs:
+            assert error is not None
+            for i, fut in enumerate(futs):
                 if fut.done():
                     self._count_cancelled(batch, fut)
                     continue
-                fut.set_exception(error)  # type: ignore[arg-type]
+                _fail(fut, error)
                 resolved += 1
+                if report is not None:
+                    report.append((items[i], error))
             failed = resolved
         else:
-            for fut, value in zip(futs, values, strict=True):
-                if fut.done():
-                    self._count_cancelled(batch, fut)
-                    continue
+            for i, value in enumerate(values):
+                fut = futs[i]
                 if isinstance(value, Exception):
                     if isinstance(value, Retryable):
-                        if again is not None:
-                            again.append(futs.index(fut))
+                        if again is not None and _has_live(fut, extra, i):
+                            again.append(i)
                             continue
                         value = value.error
-                    fut.set_exception(value)
+                    if fut.done():
+                        self._count_cancelled(batch, fut)
+                        continue
+                    _fail(fut, value)
                     failed += 1
+                    if report is not None:
+                        report.append((items[i], value))
+                elif fut.done():
+                    self._count_cancelled(batch, fut)
+                    continue
                 else:
                     fut.set_result(value)
                 resolved += 1
         if extra is not None:
             retrying = set(again) if again else ()
             for i, waiters in enumerate(extra):
-                if i in retrying:
+                if not waiters or i in retrying:
                     continue
                 value = error if values is None else values[i]
                 if isinstance(value, Retryable):
                     value = value.error
+                is_error = values is None or isinstance(value, Exception)
+                hit = False
                 for fut in waiters:
                     if fut.done():
                         self._count_cancelled(batch, fut)
                         continue
                     resolved += 1
-                    if values is None or isinstance(value, Exception):
-                        fut.set_exception(value)
+                    if is_error:
+                        _fail(fut, value)
                         failed += 1
+                        hit = True
                     else:
                         fut.set_result(value)
+                if hit and report is not None and futs[i].cancelled():
+                    report.append((items[i], value))  # its first caller had left
         self._succeeded += resolved - failed
         self._failed += failed
 
@@ -1111,7 +1257,6 @@ class Batcher(Generic[T, R]):
         batch: _Batch,
         size: int,
         start: float,
-        attempts: int,
         error: BaseException | None,
     ) -> None:
         loop = self._loop
@@ -1120,26 +1265,35 @@ class Batcher(Generic[T, R]):
         self._busy -= 1
         self._in_flight -= size
         self._inflight.pop(batch, None)
-        if self._on_batch is not None:
+        if error is not None and not isinstance(error, BatcherClosed):
+            _log.warning(
+                "batcher %r: batch of %d items (partition %r) failed: %s: %s",
+                self._name,
+                size,
+                batch.partition,
+                type(error).__name__,
+                error,
+            )
+        if self._on_batch is not None or self._observers:
             assert batch.reason is not None
             report = BatchReport(
                 size=size,
                 weight=batch.weight,
                 partition=batch.partition,
                 reason=batch.reason,
-                attempts=attempts,
+                attempts=batch.calls,
                 start=start,
                 duration=loop.time() - start,
                 error=error,
+                wait=start - batch.opened,
+                failed_items=tuple(batch.failed or ()),
             )
-            try:
-                self._on_batch(report)
-            except Exception as exc:
-                loop.call_exception_handler(
-                    {
-                        "message": f"on_batch callback of {self!r} raised",
-                        "exception": exc,
-                    }
+            if self._on_batch is not None:
+                self._notify("on_batch callback", functools.partial(self._on_batch, report))
+            for observer in self._observers:
+                self._notify(
+                    "observer batch_finished",
+                    functools.partial(observer.batch_finished, self._name, report),
                 )
         self._signal_done(batch)
         self._pump()
@@ -1329,8 +1483,8 @@ class Batcher(Generic[T, R]):
             batch.running = True
             self._pending -= len(batch.futs) - (len(batch.gone) if batch.gone else 0)
             self._submitted += len(batch.futs) + batch.coalesced
-            _, futs, extra = self._live(batch, batch.items, batch.futs, _extra_list(batch))
-            self._deliver(batch, futs, extra, None, closed)
+            items, futs, extra = self._live(batch, batch.items, batch.futs, _extra_list(batch))
+            self._deliver(batch, items, futs, extra, None, closed)
             self._signal_done(batch)
         self._open.clear()
         self._ready.clear()
@@ -1340,6 +1494,31 @@ class Batcher(Generic[T, R]):
 
     def _undispatched(self) -> list[_Batch]:
         return list(self._waiting)
+
+
+class _SinkMisuse(TypeError):
+    """The sink is not usable as called (not awaitable): failing again would not help."""
+
+
+def _fail(fut: _Fut, error: BaseException) -> None:
+    """``fut.set_exception(error)``, for any exception a sink may hand back.
+
+    ``Future.set_exception`` refuses ``StopIteration`` (it would end a
+    generator silently); like a coroutine that raises it (PEP 479), the
+    caller gets a ``RuntimeError`` whose ``__cause__`` is the original.
+    """
+    if isinstance(error, StopIteration):
+        wrapped = RuntimeError(f"the sink answered {error!r} for this item")
+        wrapped.__cause__ = error
+        error = wrapped
+    fut.set_exception(error)
+
+
+def _has_live(fut: _Fut, extra: list[list[_Fut]] | None, slot: int) -> bool:
+    """Whether slot ``slot`` still has a caller waiting (its first, or a coalesced one)."""
+    if not fut.done():
+        return True
+    return extra is not None and not all(map(_done, extra[slot]))
 
 
 def _extra_list(batch: _Batch) -> list[list[_Fut]] | None:

@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Se
 from typing import Any, Generic, Literal, Self, TypedDict, TypeVar, Unpack, overload
 
 from ._batcher import Batcher, Overflow
+from ._observe import Observer
 from ._retry import Retry
 from ._stats import BatcherStats, BatchReport
 
@@ -97,13 +98,27 @@ class _Batchers(Generic[_T, _R]):
     ``_live`` is always open.
     """
 
-    __slots__ = ("_closed", "_latest", "_live", "_make")
+    __slots__ = ("_closed", "_latest", "_live", "_make", "_observers", "name")
 
-    def __init__(self, make: Callable[[], Batcher[_T, _R]]) -> None:
+    def __init__(self, make: Callable[[], Batcher[_T, _R]], name: str) -> None:
         self._make = make
+        self.name = name
         self._live: dict[asyncio.AbstractEventLoop, Batcher[_T, _R]] = {}
         self._closed: dict[asyncio.AbstractEventLoop, Batcher[_T, _R]] = {}
         self._latest: Batcher[_T, _R] | None = None
+        self._observers: list[Observer] = []
+
+    def attach(self, observer: Observer) -> None:
+        """Watch every batcher of this sink, those to come included."""
+        self._observers.append(observer)
+        for batcher in list(self._live.values()):
+            batcher._attach(observer)
+
+    def detach(self, observer: Observer) -> None:
+        if observer in self._observers:
+            self._observers.remove(observer)
+        for batcher in [*self._live.values(), *self._closed.values()]:
+            batcher._detach(observer)
 
     def current(self) -> Batcher[_T, _R]:
         """The running loop's open batcher, created if there is none."""
@@ -123,6 +138,8 @@ class _Batchers(Generic[_T, _R]):
                 table.pop(other, None)
         self._closed.pop(loop, None)
         batcher = self._make()
+        for observer in self._observers:
+            batcher._attach(observer)
         self._live[loop] = batcher
         self._latest = batcher
         return batcher
@@ -235,6 +252,17 @@ class _Wrapper(Generic[_T, _R]):
         """
         return self._state.stats
 
+    @property
+    def name(self) -> str:
+        """The name of its batchers: ``name=`` or the batch function's qualified name."""
+        return self._state.name
+
+    def _attach(self, observer: Observer) -> None:
+        self._state.attach(observer)
+
+    def _detach(self, observer: Observer) -> None:
+        self._state.detach(observer)
+
 
 class BatchedFunction(_Wrapper[_T, _R]):
     """A batch function made callable one item at a time: what ``@batch`` returns.
@@ -256,7 +284,8 @@ class BatchedFunction(_Wrapper[_T, _R]):
     __wrapped__: Callable[..., Any]
 
     def __init__(self, fn: _Sink, options: BatchOptions) -> None:
-        self._state = _Batchers(functools.partial(Batcher, fn, **options))
+        name = options.get("name") or getattr(fn, "__qualname__", None) or repr(fn)
+        self._state = _Batchers(functools.partial(Batcher, fn, **options), name)
         functools.update_wrapper(self, fn, assigned=_ASSIGNED)
         self.__signature__ = _FUNCTION_SIGNATURE
 
@@ -358,7 +387,10 @@ class BatchedMethod(Generic[_S, _T, _R]):
         # ``ref`` (and so its callback) lives as long as this entry: the sink
         # holds it. ``setdefault``: if two threads race to make the first
         # entry of one instance, both use the winner's.
-        batchers: _Batchers[_T, _R] = _Batchers(functools.partial(Batcher, sink, **self._options))
+        batchers: _Batchers[_T, _R] = _Batchers(
+            functools.partial(Batcher, sink, **self._options),
+            self._options.get("name") or self.__qualname__,
+        )
         return instances.setdefault(key, batchers)
 
     def __repr__(self) -> str:

@@ -45,6 +45,7 @@ from typing import Any, Generic, Literal, Self, TypeAlias, TypedDict, TypeVar, U
 
 from ._batcher import Batcher
 from ._exceptions import ResultMismatch
+from ._observe import Observer
 from ._results import describe
 from ._retry import Retry
 from ._stats import BatcherStats, BatchReport
@@ -647,6 +648,12 @@ class DataLoader(Generic[K, V]):
     def closed(self) -> bool:
         """True once :meth:`aclose` has started."""
         return self._batcher.closed
+
+    def _attach(self, observer: Observer) -> None:
+        self._batcher._attach(observer)
+
+    def _detach(self, observer: Observer) -> None:
+        self._batcher._detach(observer)
 
     async def aclose(self, cancel: bool = False) -> None:
         """Close the underlying Batcher (see :meth:`Batcher.aclose`).

@@ -8,9 +8,9 @@ builds these only when asked (``stats``) or once per finished batch
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = ["BatchReport", "BatcherStats", "DispatchReason"]
 
@@ -34,12 +34,17 @@ class BatchReport:
             (``0`` without ``weigh``).
         partition: the ``partition(item)`` value, or ``None``.
         reason: the trigger that first made the batch due.
+        wait: seconds from the batch's first item to its dispatch.
         attempts: sink calls made for this batch, retries and isolation
             halves included (``0`` if every caller withdrew before dispatch).
         start: ``loop.time()`` when the batch was dispatched.
         duration: seconds from dispatch to the last item resolved.
         error: the exception that failed the batch as a whole (after retries),
             or ``None`` if the sink answered; per-item errors are not here.
+        failed_items: ``(item, exception)`` for every item of this batch that
+            failed, whole-batch failures included (empty when none did): the
+            skip-and-report list. Callers that left before their result are
+            not in it.
     """
 
     size: int
@@ -50,6 +55,8 @@ class BatchReport:
     start: float
     duration: float
     error: BaseException | None
+    wait: float = 0.0
+    failed_items: Sequence[tuple[Any, BaseException]] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +85,14 @@ class BatcherStats:
         peak_pending: the highest ``pending`` seen.
         mean_batch_size: sink slots per dispatched batch.
         reasons: dispatch reason -> number of batches.
+        retries: sink calls made again after a failure (whole-batch retries
+            and retries of items the sink marked :class:`Retryable`).
+        concurrency_limit: sink calls allowed at once now
+            (``max_concurrency``; ``0`` means no limit).
+        cache_hits: a DataLoader's loads answered from its cache or joined
+            to a load of the same key already under way (``0`` for a Batcher).
+        cache_misses: a DataLoader's loads that sent their key to the batch
+            function (``0`` for a Batcher).
     """
 
     submitted: int = 0
@@ -93,3 +108,7 @@ class BatcherStats:
     peak_pending: int = 0
     mean_batch_size: float = 0.0
     reasons: Mapping[str, int] = field(default_factory=dict)
+    retries: int = 0
+    concurrency_limit: int = 1
+    cache_hits: int = 0
+    cache_misses: int = 0
