@@ -1,0 +1,416 @@
+"""asyncbatch.contrib.prometheus: a real prometheus_client exposition, scraped over HTTP.
+
+Every figure is checked against a known workload on virtual time (looptime),
+so counts, histogram buckets and sums are exact. The exposition is served by
+prometheus_client's own HTTP server on 127.0.0.1 and parsed with its own text
+parser.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client.parser import text_string_to_metric_families
+
+from asyncbatch import Batcher, DataLoader, QueueFull, Retry, batch
+from asyncbatch.contrib.prometheus import (
+    DURATION_BUCKETS,
+    SIZE_BUCKETS,
+    WAIT_BUCKETS,
+    BatcherMetrics,
+    instrument,
+)
+
+from .support import settle
+
+pytestmark = pytest.mark.looptime
+
+LabelSet = tuple[tuple[str, str], ...]
+
+
+@dataclass
+class Scrape:
+    """One parsed exposition: sample name and labels -> value; family name -> type."""
+
+    samples: dict[tuple[str, LabelSet], float]
+    types: dict[str, str]
+
+    @classmethod
+    def parse(cls, text: str) -> Scrape:
+        samples: dict[tuple[str, LabelSet], float] = {}
+        types: dict[str, str] = {}
+        for family in text_string_to_metric_families(text):
+            types[family.name] = family.type
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                assert key not in samples, f"duplicate series {key}"
+                samples[key] = sample.value
+        return cls(samples, types)
+
+    def value(self, name: str, **labels: str) -> float:
+        return self.samples[(name, tuple(sorted(labels.items())))]
+
+    def series(self, name: str, **labels: str) -> dict[LabelSet, float]:
+        """Every sample called ``name`` whose labels include ``labels``."""
+        want = set(labels.items())
+        return {
+            key_labels: value
+            for (sample, key_labels), value in self.samples.items()
+            if sample == name and want <= set(key_labels)
+        }
+
+    def histogram(self, name: str, batcher: str) -> tuple[dict[str, float], float, float]:
+        """``({le: cumulative count}, count, sum)`` of one histogram series."""
+        series = self.series(f"{name}_bucket", batcher=batcher)
+        buckets = {dict(labels)["le"]: value for labels, value in series.items()}
+        count = self.value(f"{name}_count", batcher=batcher)
+        return buckets, count, self.value(f"{name}_sum", batcher=batcher)
+
+
+def cumulative(bounds: tuple[float, ...], counts: dict[float, int]) -> dict[str, float]:
+    """The ``le`` buckets expected when ``counts[bound]`` observations fall in each bucket."""
+    out: dict[str, float] = {}
+    running = 0
+    for bound in (*bounds, float("inf")):
+        running += counts.get(bound, 0)
+        out["+Inf" if bound == float("inf") else repr(float(bound))] = running
+    return out
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def exposition(registry: CollectorRegistry) -> Iterator[str]:
+    """prometheus_client's HTTP server for ``registry`` on 127.0.0.1 (a free port): its URL."""
+    server, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/metrics"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain")
+        body: bytes = response.read()
+        return body.decode()
+
+
+async def scrape(url: str) -> Scrape:
+    """GET ``url`` from a worker thread (the loop goes on) and parse the exposition."""
+    return Scrape.parse(await asyncio.to_thread(_get, url))
+
+
+class Orders:
+    """0.2 s per call; item 3 fails alone (an Exception entry)."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[int]] = []
+
+    async def __call__(self, items: list[int]) -> list[int | Exception]:
+        self.calls.append(list(items))
+        await asyncio.sleep(0.2)
+        return [ValueError(f"bad order {x}") if x == 3 else x * 10 for x in items]
+
+
+class Flaky:
+    """0.03 s per call; the first call raises ConnectionError."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, items: list[str]) -> list[str]:
+        self.calls += 1
+        await asyncio.sleep(0.03)
+        if self.calls == 1:
+            raise ConnectionError("backend restarting")
+        return [s.upper() for s in items]
+
+
+async def test_known_workload_scraped_over_http(
+    registry: CollectorRegistry, exposition: str
+) -> None:
+    """Two batchers in one registry, told apart by ``batcher``; every value exact."""
+    orders_sink, emails_sink = Orders(), Flaky()
+    orders = Batcher(orders_sink, max_size=4, name="orders")
+    emails = Batcher(
+        emails_sink, max_size=8, retry=Retry(attempts=3, backoff=0.05, jitter=False), name="emails"
+    )
+    instrument(orders, registry=registry)
+    instrument(emails, registry=registry)
+    async with orders, emails:
+        order_results = await orders.submit_many(list(range(10)), return_exceptions=True)
+        assert await emails.submit_many(["a", "b", "c"]) == ["A", "B", "C"]
+    assert [r if isinstance(r, int) else "error" for r in order_results] == [
+        0, 10, 20, "error", 40, 50, 60, 70, 80, 90,
+    ]  # fmt: skip
+    # Three sink calls of 4, 4 and 2 items, one at a time, 0.2 s each: the second
+    # batch waits 0.2 s for the slot, the third 0.4 s.
+    assert orders_sink.calls == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert emails_sink.calls == 2
+
+    got = await scrape(exposition)
+
+    assert got.types["asyncbatch_items"] == "counter"
+    assert got.series("asyncbatch_items_total", batcher="orders") == {
+        (("batcher", "orders"), ("outcome", "succeeded")): 9,
+        (("batcher", "orders"), ("outcome", "failed")): 1,
+        (("batcher", "orders"), ("outcome", "cancelled")): 0,
+        (("batcher", "orders"), ("outcome", "expired")): 0,
+        (("batcher", "orders"), ("outcome", "rejected")): 0,
+        (("batcher", "orders"), ("outcome", "dropped")): 0,
+    }
+    assert got.value("asyncbatch_items_total", batcher="emails", outcome="succeeded") == 3
+    assert got.value("asyncbatch_items_total", batcher="emails", outcome="failed") == 0
+    assert got.types["asyncbatch_batches"] == "counter"
+    assert {
+        dict(labels)["reason"]: v
+        for labels, v in got.series("asyncbatch_batches_total", batcher="orders").items()
+    } == {"size": 2, "weight": 0, "wait": 1, "interval": 0, "flush": 0, "close": 0}
+    assert got.value("asyncbatch_batches_total", batcher="emails", reason="wait") == 1
+    assert got.value("asyncbatch_retries_total", batcher="orders") == 0
+    assert got.value("asyncbatch_retries_total", batcher="emails") == 1
+    for name in ("orders", "emails"):
+        assert got.value("asyncbatch_pending_items", batcher=name) == 0
+        assert got.value("asyncbatch_in_flight_items", batcher=name) == 0
+        assert got.value("asyncbatch_concurrency_limit", batcher=name) == 1
+    assert got.types["asyncbatch_pending_items"] == "gauge"
+
+    # Histograms: one observation per sink call (size, duration), per batch (wait).
+    assert got.types["asyncbatch_batch_size"] == "histogram"
+    assert got.histogram("asyncbatch_batch_size", "orders") == (
+        cumulative(SIZE_BUCKETS, {2: 1, 4: 2}),
+        3,
+        10,
+    )
+    assert got.histogram("asyncbatch_batch_size", "emails") == (
+        cumulative(SIZE_BUCKETS, {4: 2}),
+        2,  # the failed call and its retry
+        6,
+    )
+    buckets, count, total = got.histogram("asyncbatch_sink_duration_seconds", "orders")
+    assert (buckets, count) == (cumulative(DURATION_BUCKETS, {0.25: 3}), 3)
+    assert total == pytest.approx(0.6, abs=1e-6)
+    buckets, count, total = got.histogram("asyncbatch_sink_duration_seconds", "emails")
+    assert (buckets, count) == (cumulative(DURATION_BUCKETS, {0.05: 2}), 2)
+    assert total == pytest.approx(0.06, abs=1e-6)
+    buckets, count, total = got.histogram("asyncbatch_batch_wait_seconds", "orders")
+    assert (buckets, count) == (cumulative(WAIT_BUCKETS, {0.0001: 1, 0.25: 1, 0.5: 1}), 3)
+    assert total == pytest.approx(0.6, abs=1e-6)
+    buckets, count, total = got.histogram("asyncbatch_batch_wait_seconds", "emails")
+    assert (buckets, count) == (cumulative(WAIT_BUCKETS, {0.0001: 1}), 1)
+    assert total == pytest.approx(0.0, abs=1e-6)
+    # A plain Batcher has no cache series.
+    assert got.series("asyncbatch_cache_hits_total") == {}
+
+
+async def test_gauges_are_read_at_scrape_time(registry: CollectorRegistry, exposition: str) -> None:
+    gate = asyncio.Event()
+
+    async def held(items: list[int]) -> list[int]:
+        await gate.wait()
+        return items
+
+    async with Batcher(held, max_size=4, max_concurrency=2, name="held") as b:
+        instrument(b, registry=registry)
+        futures = [b.submit_nowait(i) for i in range(10)]
+        await settle()
+        # Two calls of 4 hold both slots; the last 2 items wait.
+        got = await scrape(exposition)
+        assert got.value("asyncbatch_in_flight_items", batcher="held") == 8
+        assert got.value("asyncbatch_pending_items", batcher="held") == 2
+        assert got.value("asyncbatch_concurrency_limit", batcher="held") == 2
+        assert got.value("asyncbatch_items_total", batcher="held", outcome="succeeded") == 0
+        gate.set()
+        assert await asyncio.gather(*futures) == list(range(10))
+    got = await scrape(exposition)
+    assert got.value("asyncbatch_in_flight_items", batcher="held") == 0
+    assert got.value("asyncbatch_pending_items", batcher="held") == 0
+    assert got.value("asyncbatch_items_total", batcher="held", outcome="succeeded") == 10
+
+
+async def test_losses_are_counted_by_outcome(registry: CollectorRegistry, exposition: str) -> None:
+    """ "Are we dropping?": rejected, dropped, expired and cancelled items, exactly."""
+    gate = asyncio.Event()
+
+    async def held(items: list[int]) -> list[int]:
+        await gate.wait()
+        return items
+
+    rejecting = Batcher(held, max_size=2, max_pending=2, overflow="reject", name="rejecting")
+    dropping = Batcher(held, max_size=2, max_pending=2, overflow="drop_oldest", name="dropping")
+    waiting = Batcher(held, max_size=1, name="waiting")
+    for b in (rejecting, dropping, waiting):
+        instrument(b, registry=registry)
+    async with rejecting, dropping, waiting:
+        # Each: a batch of 2 in flight (held), then 2 pending fill max_pending.
+        kept = [rejecting.submit_nowait(0), rejecting.submit_nowait(1)]
+        first = [dropping.submit_nowait(0), dropping.submit_nowait(1)]
+        await settle()
+        kept += [rejecting.submit_nowait(2), rejecting.submit_nowait(3)]
+        first += [dropping.submit_nowait(2), dropping.submit_nowait(3)]
+        for x in (4, 5):
+            with pytest.raises(QueueFull):
+                rejecting.submit_nowait(x)
+        late = [dropping.submit_nowait(x) for x in (10, 11, 12)]  # drop 2, 3, then 10
+        # ``waiting``: one item in flight; two more wait for the slot and leave.
+        in_flight = waiting.submit_nowait(0)
+        await settle()
+        leaving = asyncio.ensure_future(waiting.submit(1))
+        expiring = asyncio.ensure_future(waiting.submit(2, timeout=0.5))
+        await settle()
+        leaving.cancel()
+        with pytest.raises(TimeoutError):
+            await expiring
+        gate.set()
+        assert await asyncio.gather(*kept) == [0, 1, 2, 3]
+        assert await asyncio.gather(*first[:2], *late[1:]) == [0, 1, 11, 12]
+        for dropped in (*first[2:], late[0]):
+            with pytest.raises(QueueFull):
+                await dropped
+        assert await in_flight == 0
+    got = await scrape(exposition)
+
+    def outcomes(name: str) -> dict[str, float]:
+        return {
+            dict(labels)["outcome"]: v
+            for labels, v in got.series("asyncbatch_items_total", batcher=name).items()
+        }
+
+    assert outcomes("rejecting") == {
+        "succeeded": 4, "failed": 0, "cancelled": 0, "expired": 0, "rejected": 2, "dropped": 0,
+    }  # fmt: skip
+    assert outcomes("dropping") == {
+        "succeeded": 4, "failed": 0, "cancelled": 0, "expired": 0, "rejected": 0, "dropped": 3,
+    }  # fmt: skip
+    assert outcomes("waiting") == {
+        "succeeded": 1, "failed": 0, "cancelled": 1, "expired": 1, "rejected": 0, "dropped": 0,
+    }  # fmt: skip
+
+
+async def test_batch_function_is_instrumented_before_its_first_call(
+    registry: CollectorRegistry,
+) -> None:
+    """An @batch function: its batchers are made on first use; they are all watched."""
+
+    @batch(max_size=3, name="double")
+    async def double(items: list[int]) -> list[int]:
+        return [x * 2 for x in items]
+
+    instrument(double, registry=registry)
+    assert await asyncio.gather(*(double(i) for i in range(7))) == [0, 2, 4, 6, 8, 10, 12]
+    got = Scrape.parse(_exposition(registry))
+    assert got.value("asyncbatch_items_total", batcher="double", outcome="succeeded") == 7
+    assert got.value("asyncbatch_batches_total", batcher="double", reason="size") == 2
+    assert got.value("asyncbatch_batches_total", batcher="double", reason="wait") == 1
+    assert got.histogram("asyncbatch_batch_size", "double")[1:] == (3, 7)
+    await double.aclose()
+
+
+def _exposition(registry: CollectorRegistry) -> str:
+    from prometheus_client import generate_latest
+
+    return generate_latest(registry).decode()
+
+
+async def test_dataloader_cache_hits_and_misses(registry: CollectorRegistry) -> None:
+    async def load(keys: list[int]) -> list[str]:
+        return [f"user {k}" for k in keys]
+
+    loader = DataLoader(load, name="users")
+    instrument(loader, registry=registry)
+    assert await loader.load_many([1, 2, 1]) == ["user 1", "user 2", "user 1"]
+    assert await loader.load(2) == "user 2"  # from the cache
+    got = Scrape.parse(_exposition(registry))
+    assert got.value("asyncbatch_cache_misses_total", batcher="users") == 2
+    assert got.value("asyncbatch_cache_hits_total", batcher="users") == 2
+    assert got.value("asyncbatch_items_total", batcher="users", outcome="succeeded") == 2
+    assert got.histogram("asyncbatch_batch_size", "users")[1:] == (1, 2)
+    await loader.aclose()
+
+
+async def test_same_name_twice_in_one_registry_is_an_error(registry: CollectorRegistry) -> None:
+    async def sink(items: list[int]) -> list[int]:
+        return items
+
+    first = instrument(Batcher(sink, name="orders"), registry=registry)
+    with pytest.raises(ValueError, match="'orders' is already instrumented"):
+        instrument(Batcher(sink, name="orders"), registry=registry)
+    # Another registry is another namespace; removing frees the name.
+    instrument(Batcher(sink, name="orders"), registry=CollectorRegistry())
+    first.remove()
+    first.remove()  # idempotent
+    assert repr(first) == "<BatcherMetrics batcher='orders' [removed]>"
+    again = instrument(Batcher(sink, name="orders"), registry=registry)
+    assert isinstance(again, BatcherMetrics)
+    assert (
+        Scrape.parse(_exposition(registry)).value(
+            "asyncbatch_items_total", batcher="orders", outcome="succeeded"
+        )
+        == 0
+    )
+
+
+async def test_removed_batcher_is_no_longer_observed(registry: CollectorRegistry) -> None:
+    async def sink(items: list[int]) -> list[int]:
+        return items
+
+    async with Batcher(sink, name="gone") as b:
+        metrics = instrument(b, registry=registry)
+        await b.submit(1)
+        metrics.remove()
+        await b.submit(2)  # no observer: nothing recorded, nothing raised
+    assert Scrape.parse(_exposition(registry)).series("asyncbatch_items_total") == {}
+
+
+def test_metric_names_clashing_with_another_collector(registry: CollectorRegistry) -> None:
+    Counter("asyncbatch_items", "someone else's", registry=registry)
+
+    async def sink(items: list[int]) -> list[int]:
+        return items
+
+    b = Batcher(sink, name="orders")
+    with pytest.raises(ValueError, match="asyncbatch_items"):
+        instrument(b, registry=registry)
+    # Nothing half-done: the name is free in a registry that can take it.
+    instrument(b, registry=CollectorRegistry())
+
+
+@pytest.mark.parametrize(
+    ("buckets", "error"),
+    [
+        ((), ValueError),
+        ((1, 1), ValueError),
+        ((2, 1), ValueError),
+        ((1, float("inf")), ValueError),
+        ((1, float("nan")), ValueError),
+        (("1",), TypeError),
+        ((True,), TypeError),
+    ],
+)
+def test_bad_buckets_are_refused(
+    registry: CollectorRegistry, buckets: tuple[Any, ...], error: type[Exception]
+) -> None:
+    async def sink(items: list[int]) -> list[int]:
+        return items
+
+    with pytest.raises(error, match="size_buckets"):
+        instrument(Batcher(sink), registry=registry, size_buckets=buckets)
+    assert _exposition(registry) == ""
+
+
+def test_wrong_target_is_a_type_error(registry: CollectorRegistry) -> None:
+    with pytest.raises(TypeError, match="expected an asyncbatch Batcher"):
+        instrument(object(), registry=registry)
