@@ -1,0 +1,1129 @@
+"""Durable micro-batches on Redis Streams consumer groups.
+
+Needs the ``redis`` extra (``pip install 'asyncbatch[redis]'``: redis-py's
+asyncio client) and a Redis server >= 6.2.
+
+- :class:`StreamWriter`: a :class:`~asyncbatch.Batcher` of ``XADD``\\ s. Each
+  ``submit(fields)`` returns the new entry's id; one pipelined round trip per
+  batch.
+- :class:`StreamConsumer`: reads a stream through a consumer group
+  (``XREADGROUP``) into batches for your sink, with the Batcher's semantics
+  (per-entry answers, ``retry``, ``isolate``, ``timeout``), acknowledges
+  (``XACK``) each entry only after the sink succeeded for it, lets failed
+  entries be delivered again after ``min_idle`` (``XAUTOCLAIM``), and moves an
+  entry that failed ``max_deliveries`` times to a dead-letter stream together
+  with its error, atomically with its ``XACK`` (``MULTI``/``EXEC``).
+- :class:`StreamEntry`: what the sink receives: ``id``, ``fields``,
+  ``deliveries``.
+
+Any number of consumers, in any number of processes on any number of
+machines, share one group. Delivery is **at least once**: an entry whose sink
+call succeeded may be delivered again if its consumer dies (or loses its
+connection for longer than ``min_idle``) before the ``XACK`` lands. Make the
+sink idempotent by keying its writes on :attr:`StreamEntry.id` (an ``INSERT
+... ON CONFLICT DO NOTHING`` on the id, a ``SET NX``, an upsert whose key is
+the id): a repeated delivery then changes nothing.
+
+::
+
+    from asyncbatch.contrib.redis import StreamConsumer, StreamEntry, StreamWriter
+
+    async def handle(entries: list[StreamEntry]) -> list[object]:
+        return [await charge(e.id, e.fields) for e in entries]   # or one bulk call
+
+    consumer = StreamConsumer(redis, stream="events", group="billing", consumer="worker-1",
+                              sink=handle, max_size=500, max_wait=0.2, min_idle=30.0,
+                              max_deliveries=5, dead_letter="events:dead")
+    await consumer.run()           # until consumer.stop() (or cancellation)
+
+Layout of this module: :class:`StreamEntry` and :class:`ConsumerStats` (data),
+:class:`StreamWriter` (a Batcher subclass), :class:`StreamConsumer` (four
+loops: reading, claiming, acknowledging, refreshing claims) and the reply
+parsers at the bottom.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import enum
+import functools
+import logging
+import math
+import random
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, TypeAlias, TypeVar, cast
+
+try:
+    import redis.asyncio as aioredis
+    import redis.exceptions as redis_errors
+except ImportError as exc:  # pragma: no cover - the test extra installs redis
+    raise ImportError(
+        "asyncbatch.contrib.redis needs redis-py: install the redis extra, "
+        "pip install 'asyncbatch[redis]'"
+    ) from exc
+
+from .._batcher import Batcher, Overflow, SinkResult
+from .._exceptions import AsyncBatchError, BatcherClosed
+from .._retry import Retry
+from .._stats import BatcherStats, BatchReport
+
+__all__ = [
+    "ConsumerStats",
+    "DeliveryLimitExceeded",
+    "StreamConsumer",
+    "StreamEntry",
+    "StreamWriter",
+]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+Fields: TypeAlias = Mapping[Any, Any]
+"""An entry's fields as given to ``XADD``: ``str``/``bytes`` names, ``str``/``bytes``/``int``/
+``float`` values."""
+
+#: What counts as "the connection broke": retried with backoff, never fatal.
+#: (``BusyLoadingError``, a server still loading its data, is a ConnectionError.)
+CONNECTION_ERRORS: Final = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    OSError,  # the builtin TimeoutError and socket errors included
+)
+
+_BACKOFF_FIRST = 0.1  # seconds before the first reconnection attempt
+_BACKOFF_MAX = 5.0  # cap of the doubling backoff, seconds
+
+_current_consumer: contextvars.ContextVar[StreamConsumer | None] = contextvars.ContextVar(
+    "asyncbatch_redis_consumer", default=None
+)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class StreamEntry:
+    """One stream entry as handed to a :class:`StreamConsumer` sink.
+
+    Attributes:
+        id: the entry id (``"1718000000000-0"``), always a ``str``. Stable
+            across deliveries: the natural idempotency key.
+        fields: the entry's fields as the client returns them: ``bytes``
+            names and values, or ``str`` with ``decode_responses=True``.
+        deliveries: how many times the group has delivered this entry, this
+            delivery included (``1`` the first time; more after a failure or
+            a crashed consumer).
+    """
+
+    id: str
+    fields: dict[Any, Any]
+    deliveries: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerStats:
+    """A snapshot of a :class:`StreamConsumer`'s counters (entries, not batches).
+
+    Attributes:
+        read: entries delivered to this consumer (new ones, its own pending
+            ones at start, and claimed ones).
+        acked: entries acknowledged after the sink succeeded for them.
+        failed: deliveries that failed (the sink's error for that entry,
+            after ``retry``); each failed delivery counts once.
+        redelivered: entries received with ``deliveries > 1``.
+        claimed: entries taken over with ``XAUTOCLAIM`` (idle for ``min_idle``
+            in the pending list of this or another consumer).
+        dead_lettered: entries moved to the dead-letter stream.
+        in_flight: entries held now: read or claimed, not yet acknowledged,
+            dead-lettered or given back.
+        connection_errors: commands that failed for a connection problem
+            (each was retried after a backoff).
+        batcher: the statistics of the Batcher feeding the sink.
+    """
+
+    read: int = 0
+    acked: int = 0
+    failed: int = 0
+    redelivered: int = 0
+    claimed: int = 0
+    dead_lettered: int = 0
+    in_flight: int = 0
+    connection_errors: int = 0
+    batcher: BatcherStats = field(default_factory=BatcherStats)
+
+
+class DeliveryLimitExceeded(AsyncBatchError):
+    """The error recorded for an entry claimed after ``max_deliveries`` deliveries
+    that never got an answer (its consumers died while processing it: a
+    poison entry that crashes its process, or repeated crashes)."""
+
+
+# ------------------------------------------------------------------------- writer
+
+
+class StreamWriter(Batcher[Fields, str]):
+    """A :class:`~asyncbatch.Batcher` that appends its items to a stream.
+
+    Each item is one entry's fields; its result is the new entry's id::
+
+        async with StreamWriter(redis, stream="events", max_size=500) as writer:
+            entry_id = await writer.submit({"user": "42", "amount": "9.50"})
+
+    Every batch is one pipelined round trip of ``XADD``\\ s (no ``MULTI``: the
+    entries of a batch are not atomic together). Every Batcher method, option
+    and statistic applies (``submit_nowait`` for fire-and-forget,
+    ``aclose()`` to drain, ``retry``, ...).
+
+    Args:
+        redis: a ``redis.asyncio.Redis`` client (the writer does not close it).
+        stream: the stream's key; created by the first ``XADD``.
+        maxlen: trim the stream to about this many entries on every ``XADD``
+            (``MAXLEN ~``; exact with ``approximate=False``); ``None``: no
+            trimming.
+        approximate: see ``maxlen``.
+        max_size, max_wait, interval, max_concurrency, max_pending, overflow,
+            timeout, retry, on_batch, name: as for :class:`~asyncbatch.Batcher`.
+
+    Errors, per item: fields that are empty, not a mapping, or hold a value
+    that is not ``str``/``bytes``/``int``/``float`` fail only that item
+    (``ValueError``/``TypeError``); an error reply for one ``XADD`` fails only
+    that item; a connection error fails (or, with ``retry``, retries) the
+    batch. A retried batch may append an entry twice if the connection broke
+    after the server had applied it (at least once).
+    """
+
+    __slots__ = ("_approximate", "_maxlen", "_redis", "_stream")
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        stream: str,
+        max_size: int = 500,
+        max_wait: float | None = None,
+        interval: float | None = None,
+        maxlen: int | None = None,
+        approximate: bool = True,
+        max_concurrency: int = 1,
+        max_pending: int | None = None,
+        overflow: Overflow = "block",
+        timeout: float | None = None,
+        retry: Retry | None = None,
+        on_batch: Callable[[BatchReport], object] | None = None,
+        name: str | None = None,
+    ) -> None:
+        _check_name("stream", stream)
+        if maxlen is not None:
+            _check_count("maxlen", maxlen, 0)
+        self._redis = redis
+        self._stream = stream
+        self._maxlen = maxlen
+        self._approximate = approximate
+        super().__init__(
+            self._xadd,
+            max_size=max_size,
+            max_wait=max_wait,
+            interval=interval,
+            max_concurrency=max_concurrency,
+            max_pending=max_pending,
+            overflow=overflow,
+            timeout=timeout,
+            retry=retry,
+            on_batch=on_batch,
+            name=name or f"StreamWriter {stream!r}",
+        )
+
+    @property
+    def stream(self) -> str:
+        """The stream's key."""
+        return self._stream
+
+    async def _xadd(self, items: list[Fields]) -> list[str | Exception]:
+        answers: list[str | Exception | None] = [None] * len(items)
+        sent: list[int] = []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for i, fields in enumerate(items):
+                problem = _fields_problem(fields)
+                if problem is not None:
+                    answers[i] = problem
+                    continue
+                pipe.xadd(
+                    self._stream,
+                    cast("dict[Any, Any]", fields),
+                    maxlen=self._maxlen,
+                    approximate=self._approximate,
+                )
+                sent.append(i)
+            if sent:
+                replies = await pipe.execute(raise_on_error=False)
+                for i, reply in zip(sent, replies, strict=True):
+                    answers[i] = reply if isinstance(reply, Exception) else _text(reply)
+        return answers  # type: ignore[return-value]  # every slot is filled
+
+
+def _fields_problem(fields: object) -> Exception | None:
+    if not isinstance(fields, Mapping):
+        return TypeError(f"a stream entry is a mapping of fields, got {fields!r}")
+    if not fields:
+        return ValueError("a stream entry needs at least one field, got {}")
+    for name, value in fields.items():
+        for what in (name, value):
+            if isinstance(what, bool) or not isinstance(what, str | bytes | int | float):
+                return TypeError(
+                    "stream field names and values must be str, bytes, int or float; "
+                    f"got {what!r} in {fields!r}"
+                )
+    return None
+
+
+# ----------------------------------------------------------------------- consumer
+
+
+class _State(enum.Enum):
+    IDLE = "idle"  # run() not called yet
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class StreamConsumer:
+    """One consumer of a Redis Streams consumer group, feeding a batch sink.
+
+    ::
+
+        consumer = StreamConsumer(redis, stream="events", group="billing",
+                                  consumer="worker-1", sink=handle, max_size=500)
+        task = asyncio.create_task(consumer.run())
+        ...
+        await consumer.stop()      # stop reading, finish and acknowledge, return
+
+    The sink is ``async def sink(entries: list[StreamEntry])`` and answers as a
+    :class:`~asyncbatch.Batcher` sink does: a sequence with one value per
+    entry, a mapping keyed by entry id, or ``None`` (all succeeded). An
+    ``Exception`` value fails only its entry; raising fails the whole batch;
+    ``retry`` (with ``isolate``) and ``timeout`` apply as in the Batcher.
+
+    What happens to an entry:
+
+    - succeeded: acknowledged (``XACK``), batched with the other entries that
+      succeeded in the same loop iteration.
+    - failed, fewer than ``max_deliveries`` deliveries: left in the group's
+      pending list (never acknowledged); once idle for ``min_idle`` seconds
+      any consumer of the group (this one included) claims it
+      (``XAUTOCLAIM``) and it is delivered again with ``deliveries + 1``.
+    - failed on its ``max_deliveries``-th delivery: its fields plus ``error``
+      (the message), ``error_type`` (the exception's qualified name),
+      ``source_id`` and ``deliveries`` are added to ``dead_letter`` and the
+      entry is acknowledged, in one ``MULTI``/``EXEC``: skip and report,
+      never a silent drop. An entry claimed with more than ``max_deliveries``
+      deliveries that never got an answer (its consumers kept dying on it)
+      goes there too, with a :class:`DeliveryLimitExceeded` error.
+
+    Entries held by this consumer (read, being processed, waiting for their
+    ``XACK``) have their idle time reset (``XCLAIM ... JUSTID`` by their
+    owner) once they are ``min_idle / 2`` seconds old, every ``min_idle / 4``
+    seconds: a slow but healthy sink never has its entries claimed by others.
+    A consumer that dies loses nothing: its pending entries are claimed by
+    the others after ``min_idle``. A consumer restarted under the same name
+    first takes back its own pending entries (``XREADGROUP`` from ``0``), then
+    reads new ones: the group's last-delivered id and pending list are the
+    checkpoint.
+
+    Args:
+        redis: a ``redis.asyncio.Redis`` client (not closed by the consumer).
+            The reader holds one connection of its pool for itself. Give the
+            client a ``socket_timeout`` longer than ``block`` if you set one.
+        stream: the stream's key.
+        group: the consumer group; created at ``start`` (with ``MKSTREAM``) if
+            missing. An existing group is used as it is.
+        consumer: this consumer's name, unique within the group (a process
+            restarted under the same name resumes its own pending entries).
+        sink: ``async def sink(entries: list[StreamEntry]) -> ...``, see above.
+        max_size: entries per sink call (and per ``XREADGROUP``), ``>= 1``.
+        max_wait: seconds the first entry of a batch waits for companions
+            (``0``: batches are what one read returns).
+        max_concurrency: sink calls running at once, ``>= 1``. The consumer
+            holds at most ``max_size * (max_concurrency + 1)`` entries.
+        min_idle: seconds an entry must sit unacknowledged in a pending list
+            before it is claimed and delivered again, ``> 0``. Longer than a
+            normal sink call; the redelivery delay of a failed entry.
+        max_deliveries: deliveries after which a failing entry goes to
+            ``dead_letter``, ``>= 1``; ``None``: retried forever.
+        dead_letter: the dead-letter stream's key; default
+            ``"<stream>:dead"``.
+        retry: a :class:`~asyncbatch.Retry` policy for sink calls within one
+            delivery.
+        timeout: seconds for one sink call (then its entries fail with
+            ``TimeoutError``, or are retried).
+        start: where a group created by this consumer starts: ``"$"`` (only
+            entries added from now on) or ``"0"`` (the whole stream), or an id.
+        block: longest ``XREADGROUP BLOCK``, seconds, ``> 0``. :meth:`stop`
+            interrupts it (``CLIENT UNBLOCK``), so it mostly bounds how long an
+            idle consumer waits between two reads.
+        claim_interval: seconds between two ``XAUTOCLAIM`` scans; default
+            ``min_idle / 2``.
+        on_batch: called with a :class:`~asyncbatch.BatchReport` per sink batch.
+        name: for ``repr``, logs and the Batcher; default
+            ``"<stream>/<group>/<consumer>"``.
+
+    Connection loss: every command that fails with a connection error is
+    retried after a doubling backoff (0.1 s up to 5 s, full jitter); reading
+    resumes where the group stands, acknowledgements are retried until they
+    land (an entry is counted as ``acked`` only once its ``XACK`` succeeded).
+    If the group disappeared (a server restarted without its data) it is
+    created again at ``start``. Other errors (a wrong key type, no
+    permission) stop the consumer: :meth:`run` raises them.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_aborting",
+        "_acked",
+        "_acks",
+        "_batcher",
+        "_block_ms",
+        "_blocked",
+        "_capacity",
+        "_claim_interval",
+        "_claimed",
+        "_connection_errors",
+        "_consumer",
+        "_dead",
+        "_dead_letter",
+        "_dead_lettered",
+        "_done",
+        "_drained",
+        "_failed",
+        "_fatal",
+        "_finished",
+        "_forget",
+        "_group",
+        "_held",
+        "_kick_acker",
+        "_max_deliveries",
+        "_min_idle",
+        "_name",
+        "_read",
+        "_reader",
+        "_reader_id",
+        "_redelivered",
+        "_redis",
+        "_room",
+        "_sink",
+        "_start",
+        "_state",
+        "_stop",
+        "_stream",
+    )
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        stream: str,
+        group: str,
+        consumer: str,
+        sink: Callable[[list[StreamEntry]], Awaitable[SinkResult[Any]]],
+        max_size: int = 100,
+        max_wait: float = 0.0,
+        max_concurrency: int = 1,
+        min_idle: float = 30.0,
+        max_deliveries: int | None = 5,
+        dead_letter: str | None = None,
+        retry: Retry | None = None,
+        timeout: float | None = None,
+        start: str = "$",
+        block: float = 1.0,
+        claim_interval: float | None = None,
+        on_batch: Callable[[BatchReport], object] | None = None,
+        name: str | None = None,
+    ) -> None:
+        for what, value in (("stream", stream), ("group", group), ("consumer", consumer)):
+            _check_name(what, value)
+        _check_name("start", start)
+        if not callable(sink):
+            raise TypeError(f"sink must be an async callable, got {sink!r}")
+        _check_seconds("min_idle", min_idle)
+        _check_seconds("block", block)
+        if claim_interval is not None:
+            _check_seconds("claim_interval", claim_interval)
+        if max_deliveries is not None:
+            _check_count("max_deliveries", max_deliveries, 1)
+        if dead_letter is not None:
+            _check_name("dead_letter", dead_letter)
+        _check_count("max_size", max_size, 1)
+        _check_count("max_concurrency", max_concurrency, 1)
+        self._redis = redis
+        self._stream = stream
+        self._group = group
+        self._consumer = consumer
+        self._sink = sink
+        self._name = name or f"{stream}/{group}/{consumer}"
+        self._min_idle = float(min_idle)
+        self._max_deliveries = max_deliveries
+        self._dead_letter = dead_letter if dead_letter is not None else f"{stream}:dead"
+        self._start = start
+        self._block_ms = max(1, round(block * 1000))
+        self._claim_interval = self._min_idle / 2 if claim_interval is None else claim_interval
+        self._capacity = max_size * (max_concurrency + 1)
+        # The Batcher validates the remaining options now, not at run().
+        self._batcher: Batcher[StreamEntry, Any] = Batcher(
+            self._call_sink,
+            max_size=max_size,
+            max_wait=max_wait,
+            max_concurrency=max_concurrency,
+            timeout=timeout,
+            retry=retry,
+            on_batch=on_batch,
+            key=_entry_id,
+            name=self._name,
+        )
+        self._state = _State.IDLE
+        # Entry id -> loop time of its last delivery or claim refresh. Insertion
+        # order is refresh order (a refreshed id is moved to the end), so the
+        # refresher finds the stale ones at the front.
+        self._held: dict[str, float] = {}
+        self._acks: list[str] = []  # succeeded, waiting for the acker
+        self._dead: list[tuple[StreamEntry, BaseException]] = []  # for the dead-letter stream
+        self._forget: list[str] = []  # deleted from the stream: acknowledged, not counted
+        self._stop = asyncio.Event()
+        self._room = asyncio.Event()
+        self._kick_acker = asyncio.Event()
+        self._finished = asyncio.Event()  # everything acked: the refresher may end
+        self._done: asyncio.Future[None] | None = None
+        self._fatal: BaseException | None = None
+        self._aborting = False
+        self._drained = False  # the batcher is closed: no entry will settle any more
+        self._reader: aioredis.Redis | None = None
+        self._reader_id: int | None = None
+        self._blocked = False
+        self._read = 0
+        self._acked = 0
+        self._failed = 0
+        self._redelivered = 0
+        self._claimed = 0
+        self._dead_lettered = 0
+        self._connection_errors = 0
+
+    # -------------------------------------------------------------- public
+
+    @property
+    def name(self) -> str:
+        """``"<stream>/<group>/<consumer>"`` or the ``name=`` given."""
+        return self._name
+
+    @property
+    def stats(self) -> ConsumerStats:
+        """A snapshot of the counters; see :class:`ConsumerStats`."""
+        return ConsumerStats(
+            read=self._read,
+            acked=self._acked,
+            failed=self._failed,
+            redelivered=self._redelivered,
+            claimed=self._claimed,
+            dead_lettered=self._dead_lettered,
+            in_flight=len(self._held),
+            connection_errors=self._connection_errors,
+            batcher=self._batcher.stats,
+        )
+
+    async def run(self) -> None:
+        """Consume until :meth:`stop` is called (or the task is cancelled).
+
+        Creates the group if it is missing, takes back this consumer's own
+        pending entries, then reads new entries and claims idle ones, feeding
+        them to the sink in batches and acknowledging the ones it succeeded
+        for. After :meth:`stop` it stops reading, lets the batches already
+        read finish, waits for their acknowledgements, and returns.
+
+        Raises:
+            RuntimeError: ``run()`` was called before (it runs once).
+            redis.exceptions.RedisError: an error that is not a connection
+                problem (those are retried): a wrong key type, a missing
+                permission, ... The consumer has stopped; the entries it held
+                stay pending and are claimed by the others after ``min_idle``.
+
+        Cancellation: cancelling the task running ``run()`` stops reading at
+        once, cancels the sink calls in flight and returns without further
+        acknowledgements; every entry not yet acknowledged stays in the
+        pending list and is delivered again (at least once). Its loops do not
+        rely on cancelling a Redis command (redis-py's asyncio client can
+        swallow a cancellation in the middle of one): each checks a stop flag
+        and blocks at most ``block`` seconds, so the cancellation completes
+        within about that time.
+        """
+        if self._state is not _State.IDLE:
+            if self._state is _State.STOPPED and self._done is None:
+                return  # stop() came first: nothing to run
+            raise RuntimeError(f"{self!r}: run() may be called only once")
+        loop = asyncio.get_running_loop()
+        self._state = _State.RUNNING
+        self._done = loop.create_future()
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            await self._ensure_group()
+            self._reader = self._redis.client()
+            tasks = [
+                loop.create_task(self._guard(self._read_loop()), name=f"{self._name} reader"),
+                loop.create_task(self._guard(self._claim_loop()), name=f"{self._name} claimer"),
+            ]
+            acker = loop.create_task(self._guard(self._ack_loop()), name=f"{self._name} acker")
+            refresher = loop.create_task(
+                self._guard(self._refresh_loop()), name=f"{self._name} refresher"
+            )
+            tasks += [acker, refresher]
+            await asyncio.wait(tasks[:2])  # the reader and the claimer end on stop()
+            self._state = _State.STOPPING
+            await self._batcher.aclose(cancel=self._fatal is not None)
+            self._drained = True
+            self._kick_acker.set()  # the acker flushes what is left and returns
+            await asyncio.wait([acker])
+            self._finished.set()
+            await asyncio.wait([refresher])
+        except asyncio.CancelledError:
+            self._abort()
+            await self._batcher.aclose(cancel=True)
+            for task in tasks:
+                task.cancel()
+            if tasks:  # each also ends by the stop flag if a cancellation was swallowed
+                await asyncio.wait(tasks)
+            raise
+        finally:
+            self._stop.set()
+            self._state = _State.STOPPED
+            if self._reader is not None:
+                await _quietly(self._reader.aclose())
+            if not self._done.done():
+                self._done.set_result(None)
+        if self._fatal is not None:
+            raise self._fatal
+
+    async def stop(self) -> None:
+        """Stop reading, finish the batches already read, acknowledge them, return.
+
+        Waits until :meth:`run` has returned. Idempotent; before ``run()`` it
+        makes a later ``run()`` return at once. Called from inside this
+        consumer's own sink it cannot wait for its own batch: it asks the
+        consumer to stop and returns at once.
+
+        While the server is unreachable the acknowledgements are retried, so
+        ``stop()`` waits for the connection to come back; bound it with
+        ``asyncio.timeout`` if needed (unacknowledged entries are delivered
+        again later). Cancelling ``stop()`` does not cancel the shutdown.
+        """
+        if self._state is _State.IDLE:
+            self._state = _State.STOPPED
+            self._stop.set()
+            return
+        self._request_stop()
+        await self._unblock_reader()
+        if self._done is None or _current_consumer.get() is self:
+            return
+        await asyncio.shield(self._done)
+
+    def __repr__(self) -> str:
+        return f"<StreamConsumer {self._name!r} [{self._state.value}] in_flight={len(self._held)}>"
+
+    # ------------------------------------------------------------- stopping
+
+    def _request_stop(self) -> None:
+        self._stop.set()
+        self._room.set()
+        self._kick_acker.set()
+
+    def _abort(self) -> None:
+        """Stop now: in-flight sink calls are about to be cancelled, not settled."""
+        self._aborting = True
+        self._request_stop()
+        self._finished.set()
+
+    async def _unblock_reader(self) -> None:
+        # Best effort: if the reader is parked in XREADGROUP BLOCK, make it
+        # return now instead of after `block` (its loop then sees the flag).
+        reader_id = self._reader_id
+        if self._blocked and reader_id is not None:
+            await _quietly(self._redis.client_unblock(reader_id))
+
+    async def _guard(self, loop_body: Awaitable[None]) -> None:
+        """Run one of the loops; an error it cannot retry stops the consumer."""
+        try:
+            await loop_body
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            if self._fatal is None:
+                self._fatal = exc
+                logger.error("%r stopped: %s: %s", self, type(exc).__name__, exc)
+            self._abort()
+
+    async def _nap(self, seconds: float, until: asyncio.Event) -> None:
+        """Sleep ``seconds``, or less if ``until`` is set."""
+        if until.is_set():
+            return
+        try:
+            async with asyncio.timeout(seconds):
+                await until.wait()
+        except TimeoutError:
+            pass
+
+    async def _retrying(
+        self, what: str, command: Callable[[], Awaitable[T]], until: asyncio.Event | None
+    ) -> T | None:
+        """Run ``command`` until it gets an answer; connection errors are retried.
+
+        Returns ``None`` without an answer once ``until`` is set (checked
+        after each failure). ``NOGROUP`` (the group vanished with the server's
+        data) recreates the group and retries.
+        """
+        delay = _BACKOFF_FIRST
+        failures = 0
+        while True:
+            try:
+                result = await command()
+            except CONNECTION_ERRORS as exc:
+                self._connection_errors += 1
+                failures += 1
+                if failures == 1:
+                    logger.warning(
+                        "%r: %s failed (%s: %s); retrying with backoff",
+                        self,
+                        what,
+                        type(exc).__name__,
+                        exc,
+                    )
+                if what == "XREADGROUP":
+                    self._reader_id = None  # a new connection has a new CLIENT ID
+            except redis_errors.ResponseError as exc:
+                if not str(exc).startswith("NOGROUP"):
+                    raise
+                logger.warning("%r: the group is gone (%s); creating it again", self, exc)
+                await self._create_group()
+                continue
+            else:
+                if failures:
+                    logger.warning("%r: %s works again after %d failures", self, what, failures)
+                return result
+            pause = random.uniform(0.0, delay)
+            if until is None:
+                await asyncio.sleep(pause)
+            elif until.is_set():
+                return None
+            else:
+                await self._nap(pause, until)
+            delay = min(_BACKOFF_MAX, delay * 2)
+
+    async def _ensure_group(self) -> None:
+        await self._retrying("XGROUP CREATE", self._create_group, self._stop)
+
+    async def _create_group(self) -> None:
+        try:
+            await self._redis.xgroup_create(
+                self._stream, self._group, id=self._start, mkstream=True
+            )
+        except redis_errors.ResponseError as exc:
+            if not str(exc).startswith("BUSYGROUP"):
+                raise
+
+    # -------------------------------------------------------------- reading
+
+    async def _read_loop(self) -> None:
+        await self._read_own_pending()
+        reader = self._reader
+        assert reader is not None
+
+        async def read_new(count: int) -> Any:
+            if self._reader_id is None:
+                self._reader_id = await reader.client_id()
+            if self._stop.is_set():
+                return None
+            self._blocked = True
+            try:
+                return await reader.xreadgroup(
+                    self._group,
+                    self._consumer,
+                    {self._stream: ">"},
+                    count=count,
+                    block=self._block_ms,
+                )
+            finally:
+                self._blocked = False
+
+        while not self._stop.is_set():
+            count = self._free()
+            if count <= 0:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            reply = await self._retrying(
+                "XREADGROUP", functools.partial(read_new, count), self._stop
+            )
+            entries = _read_reply(reply)
+            if entries:
+                self._take([StreamEntry(_text(i), f) for i, f in entries if f], claimed=False)
+
+    async def _read_own_pending(self) -> None:
+        """Take back what this consumer name held before a restart (``XREADGROUP 0``)."""
+        cursor = "0"
+        while not self._stop.is_set():
+            count = self._free()
+            if count <= 0:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            reply = await self._retrying(
+                "XREADGROUP",
+                functools.partial(
+                    self._redis.xreadgroup,
+                    self._group,
+                    self._consumer,
+                    {self._stream: cursor},
+                    count=count,
+                ),
+                self._stop,
+            )
+            found = _read_reply(reply)
+            if not found:
+                return
+            cursor = _text(found[-1][0])
+            await self._deliver_pending(found, claimed=False)
+
+    async def _claim_loop(self) -> None:
+        cursor = "0-0"
+        min_idle_ms = max(1, round(self._min_idle * 1000))
+        while not self._stop.is_set():
+            count = self._free()
+            if count > 0:
+                reply = await self._retrying(
+                    "XAUTOCLAIM",
+                    functools.partial(
+                        self._redis.xautoclaim,
+                        self._stream,
+                        self._group,
+                        self._consumer,
+                        min_idle_ms,
+                        cursor,
+                        count=count,
+                    ),
+                    self._stop,
+                )
+                if reply is None:
+                    continue
+                cursor, claimed, deleted = _autoclaim_reply(reply)
+                if deleted:
+                    self._forget += deleted  # Redis < 7 keeps them pending
+                    self._kick_acker.set()
+                if claimed:
+                    await self._deliver_pending(claimed, claimed=True)
+                if cursor != "0-0" and claimed:
+                    continue  # more idle entries may follow at once
+            await self._nap(self._claim_interval, self._stop)
+
+    async def _deliver_pending(self, found: list[tuple[Any, Any]], *, claimed: bool) -> None:
+        """Entries taken from a pending list: look up their delivery counts, hand them on."""
+        live = [(_text(i), f) for i, f in found]
+        gone = [i for i, f in live if not f]  # deleted from the stream meanwhile
+        if gone:
+            self._forget += gone
+            self._kick_acker.set()
+        live = [(i, f) for i, f in live if f]
+        if not live:
+            return
+        ids = [i for i, _ in live]
+
+        async def counts() -> list[Any]:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for entry_id in ids:
+                    pipe.xpending_range(self._stream, self._group, entry_id, entry_id, 1)
+                return await pipe.execute()
+
+        replies = await self._retrying("XPENDING", counts, self._stop)
+        if replies is None:
+            return  # stopping: they stay pending (claimed by us) and come back later
+        deliveries: dict[str, int] = {}
+        for reply in replies:
+            for row in reply:
+                deliveries[_text(row["message_id"])] = int(row["times_delivered"])
+        entries = [StreamEntry(i, f, deliveries.get(i, 2)) for i, f in live]
+        self._take(entries, claimed=claimed)
+
+    def _free(self) -> int:
+        """How many more entries this consumer may hold now."""
+        return self._capacity - len(self._held)
+
+    def _take(self, entries: list[StreamEntry], *, claimed: bool) -> None:
+        """Hold the entries and submit them to the batcher (or dead-letter them)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        held = self._held
+        submit = self._batcher.submit_nowait
+        settle = self._settle
+        limit = self._max_deliveries
+        for entry in entries:
+            if entry.id in held:
+                # Ours already (an XAUTOCLAIM of our own entry whose refresh
+                # came late): it is in the batcher; only its idle time changed.
+                continue
+            held[entry.id] = now
+            self._read += 1
+            if entry.deliveries > 1:
+                self._redelivered += 1
+            if claimed:
+                self._claimed += 1
+            if limit is not None and entry.deliveries > limit:
+                # Delivered max_deliveries times and never answered: whatever
+                # held it died on it. Do not feed it to the sink again.
+                self._dead.append(
+                    (
+                        entry,
+                        DeliveryLimitExceeded(
+                            f"entry {entry.id} was delivered {entry.deliveries - 1} times "
+                            f"without an answer (max_deliveries={limit}); the consumers "
+                            "holding it stopped while processing it"
+                        ),
+                    )
+                )
+                self._kick_acker.set()
+                continue
+            submit(entry).add_done_callback(functools.partial(settle, entry))
+
+    async def _call_sink(self, entries: list[StreamEntry]) -> SinkResult[Any]:
+        token = _current_consumer.set(self)
+        try:
+            return await self._sink(entries)
+        finally:
+            _current_consumer.reset(token)
+
+    def _settle(self, entry: StreamEntry, fut: asyncio.Future[Any]) -> None:
+        """An entry's outcome: acknowledge, dead-letter, or give back."""
+        exc = None if fut.cancelled() else fut.exception()
+        if exc is None and not fut.cancelled():
+            self._acks.append(entry.id)
+        elif self._aborting and (fut.cancelled() or isinstance(exc, BatcherClosed)):
+            self._release(entry.id)  # cut off by cancellation, not failed: stays pending
+            return
+        else:
+            assert exc is not None
+            self._failed += 1
+            limit = self._max_deliveries
+            if limit is None or entry.deliveries < limit:
+                # Stays in the pending list, unrefreshed: claimed again once idle.
+                self._release(entry.id)
+                return
+            self._dead.append((entry, exc))
+        self._kick_acker.set()
+
+    def _release(self, entry_id: str) -> None:
+        self._held.pop(entry_id, None)
+        self._room.set()
+
+    # -------------------------------------------------------- acknowledging
+
+    async def _ack_loop(self) -> None:
+        while True:
+            if not (self._acks or self._dead or self._forget):
+                if self._drained:
+                    return  # stopping: the batcher is drained and all is acknowledged
+                self._kick_acker.clear()
+                await self._kick_acker.wait()
+                continue
+            acks, self._acks = self._acks, []
+            dead, self._dead = self._dead, []
+            forget, self._forget = self._forget, []
+            await self._acknowledge(acks, dead, forget)
+            for entry_id in acks:
+                self._held.pop(entry_id, None)
+            for entry, _ in dead:
+                self._held.pop(entry.id, None)
+            self._acked += len(acks)
+            self._dead_lettered += len(dead)
+            self._room.set()
+
+    async def _acknowledge(
+        self, acks: list[str], dead: list[tuple[StreamEntry, BaseException]], forget: list[str]
+    ) -> None:
+        """One round trip: ``XACK``; with dead letters ``MULTI XADD... XACK EXEC``."""
+        if dead:
+            logger.warning(
+                "%r: %d entries moved to %r after their last delivery failed (first: %s: %s)",
+                self,
+                len(dead),
+                self._dead_letter,
+                type(dead[0][1]).__name__,
+                dead[0][1],
+            )
+        interrupted = False
+        while True:
+            if interrupted and dead:
+                # The EXEC may have been applied before the connection broke:
+                # an entry no longer pending was moved already (or acked by
+                # another consumer); adding it again would duplicate it.
+                still = await self._still_pending([e.id for e, _ in dead])
+                dead = [(e, x) for e, x in dead if e.id in still]
+            ids = [*acks, *forget, *(e.id for e, _ in dead)]
+            if not ids:
+                return
+            try:
+                if dead:
+                    await self._dead_letter_and_ack(dead, ids)
+                else:
+                    await self._redis.xack(self._stream, self._group, *ids)
+                return
+            except CONNECTION_ERRORS as exc:
+                self._connection_errors += 1
+                logger.warning("%r: acknowledging failed (%s: %s)", self, type(exc).__name__, exc)
+                interrupted = True
+                # _retrying does the waiting and the counting; the command it
+                # retries is a probe so that the pending check above runs first.
+                await self._retrying("XACK", self._redis.ping, None)
+            except redis_errors.WatchError:
+                continue  # the dead-letter key changed under the check: check again
+            except redis_errors.ResponseError as exc:
+                if not str(exc).startswith("NOGROUP"):
+                    raise
+                await self._create_group()
+
+    async def _dead_letter_and_ack(
+        self, dead: list[tuple[StreamEntry, BaseException]], ids: list[str]
+    ) -> None:
+        # A transaction does not roll back: an XADD failing inside EXEC (the
+        # key holds a string, say) would not stop the XACK after it, and the
+        # entry would be gone without its report. So WATCH the key, check its
+        # type, and only then MULTI/EXEC (EXEC aborts if the key changed).
+        async with self._redis.pipeline(transaction=True) as pipe:
+            await pipe.watch(self._dead_letter)
+            kind = _text(await pipe.type(self._dead_letter))
+            if kind not in ("stream", "none"):
+                raise redis_errors.ResponseError(
+                    f"WRONGTYPE the dead-letter key {self._dead_letter!r} holds a {kind}, "
+                    f"not a stream; {len(dead)} failed entries stay pending"
+                )
+            cast(Any, pipe).multi()  # untyped in redis-py
+            for entry, error in dead:
+                pipe.xadd(self._dead_letter, _dead_fields(entry, error))
+            pipe.xack(self._stream, self._group, *ids)
+            await pipe.execute()
+
+    async def _still_pending(self, ids: list[str]) -> set[str]:
+        async def query() -> list[Any]:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for entry_id in ids:
+                    pipe.xpending_range(self._stream, self._group, entry_id, entry_id, 1)
+                return await pipe.execute()
+
+        replies = await self._retrying("XPENDING", query, None) or []
+        return {_text(row["message_id"]) for reply in replies for row in reply}
+
+    # ----------------------------------------------------------- refreshing
+
+    async def _refresh_loop(self) -> None:
+        """Keep held entries claimed: reset their idle time once min_idle/2 old."""
+        loop = asyncio.get_running_loop()
+        period = self._min_idle / 4
+        age = self._min_idle / 2
+        while not self._finished.is_set():
+            await self._nap(period, self._finished)
+            now = loop.time()
+            stale: list[str] = []
+            for entry_id, since in self._held.items():
+                if now - since < age:
+                    break
+                stale.append(entry_id)
+            for i in range(0, len(stale), 1000):
+                chunk: list[Any] = stale[i : i + 1000]
+                # XCLAIM with min-idle 0 and JUSTID: resets the idle time and
+                # does not count a delivery.
+                done = await self._retrying(
+                    "XCLAIM",
+                    functools.partial(
+                        self._redis.xclaim,
+                        self._stream,
+                        self._group,
+                        self._consumer,
+                        0,
+                        chunk,
+                        justid=True,
+                    ),
+                    self._finished,
+                )
+                if done is None:
+                    return
+                held = self._held
+                for entry_id in chunk:
+                    if entry_id in held:
+                        del held[entry_id]
+                        held[entry_id] = now
+
+
+# ------------------------------------------------------------------------ helpers
+
+
+def _entry_id(entry: StreamEntry) -> str:
+    return entry.id
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _qualname(exc: BaseException) -> str:
+    cls = type(exc)
+    if cls.__module__ == "builtins":
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _dead_fields(entry: StreamEntry, error: BaseException) -> dict[Any, Any]:
+    fields: dict[Any, Any] = dict(entry.fields)
+    for name in ("error", "error_type", "source_id", "deliveries"):  # ours win
+        fields.pop(name, None)
+        fields.pop(name.encode(), None)
+    fields["error"] = str(error) or repr(error)
+    fields["error_type"] = _qualname(error)
+    fields["source_id"] = entry.id
+    fields["deliveries"] = str(entry.deliveries)
+    return fields
+
+
+def _read_reply(reply: Any) -> list[tuple[Any, Any]]:
+    """``XREADGROUP``'s entries: RESP2 ``[[stream, entries]]`` or RESP3 ``{stream: entries}``."""
+    if not reply:
+        return []
+    streams: Iterable[Any] = reply.values() if isinstance(reply, dict) else (s[1] for s in reply)
+    return [(e[0], e[1]) for entries in streams for e in entries]
+
+
+def _autoclaim_reply(reply: Any) -> tuple[str, list[tuple[Any, Any]], list[str]]:
+    """``XAUTOCLAIM``: cursor, claimed entries, and (Redis >= 7) ids deleted meanwhile."""
+    cursor = _text(reply[0])
+    claimed = [(e[0], e[1]) for e in reply[1]]
+    deleted = [_text(i) for i in reply[2]] if len(reply) > 2 else []
+    return cursor, claimed, deleted
+
+
+async def _quietly(awaitable: Awaitable[Any]) -> None:
+    try:
+        await awaitable
+    except Exception:
+        logger.debug("ignored", exc_info=True)
+
+
+def _check_name(what: str, value: object) -> None:
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"{what} must be a non-empty str, got {value!r}")
+
+
+def _check_count(what: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{what} must be >= {minimum}, got {value!r}")
+
+
+def _check_seconds(what: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{what} must be a number of seconds, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{what} must be a finite number of seconds > 0, got {value!r}")

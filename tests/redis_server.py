@@ -1,0 +1,141 @@
+"""A throwaway ``redis-server`` on 127.0.0.1 for the Redis Streams tests and benchmark.
+
+``make test`` installs the server when it is missing (``redis-server`` from the
+system packages, see the Makefile). Here we only find it: without one, tests
+are skipped on a developer machine and fail in CI (``CI=true``), never
+silently skipped there.
+
+Each server listens on a free port of 127.0.0.1 only, keeps its data in a
+temporary directory and has persistence off (no snapshots, no append-only
+file). :meth:`RedisServer.restart` saves once on purpose (``SHUTDOWN SAVE``)
+and starts again on the same port from that snapshot: a restart that keeps
+the data, as a production server with persistence would.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import pytest
+
+MIN_VERSION = (6, 2)
+
+
+def redis_server_binary() -> str:
+    """The ``redis-server`` to use: skip the test (fail it in CI) if there is none."""
+    found = os.environ.get("REDIS_SERVER") or shutil.which("redis-server")
+    problem = None
+    if found is None:
+        problem = "redis-server is not installed (`make test` installs it with apt-get)"
+    else:
+        version = server_version(found)
+        if version < MIN_VERSION:
+            problem = f"{found} is Redis {version}, the tests need >= {MIN_VERSION}"
+    if problem is not None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"{problem}; in CI a missing server is a failure", pytrace=False)
+        pytest.skip(problem)
+    assert found is not None
+    return found
+
+
+def server_version(binary: str) -> tuple[int, int]:
+    out = subprocess.run(
+        [binary, "--version"], capture_output=True, text=True, check=True, timeout=10
+    ).stdout
+    # "Redis server v=7.0.15 sha=..."
+    digits = out.split("v=", 1)[1].split()[0].split(".")
+    return int(digits[0]), int(digits[1])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class RedisServer:
+    """``redis-server`` on ``127.0.0.1:<free port>``; use as a context manager."""
+
+    def __init__(self, binary: str | None = None) -> None:
+        self.binary = binary or redis_server_binary()
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="asyncbatch-redis-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        options = {
+            "port": str(self.port),
+            "bind": "127.0.0.1",
+            "save": "",  # persistence off: no snapshots ...
+            "appendonly": "no",  # ... and no append-only file
+            "dir": str(self.dir),
+            "dbfilename": "dump.rdb",
+            "loglevel": "warning",
+            "logfile": str(self.dir / "redis.log"),
+        }
+        self.proc = subprocess.Popen(
+            [self.binary, *(arg for k, v in options.items() for arg in (f"--{k}", v))],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while self.command("PING") != "+PONG":
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                log = (self.dir / "redis.log").read_text(errors="replace")
+                raise RuntimeError(f"redis-server did not start on {self.port}:\n{log}")
+            time.sleep(0.02)
+
+    def command(self, *args: str) -> str | None:
+        """Send one inline command; the first reply line, or None if unreachable."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
+                sock.sendall((" ".join(args) + "\r\n").encode())
+                return sock.recv(4096).split(b"\r\n", 1)[0].decode()
+        except OSError:
+            return None
+
+    def restart(self, downtime: float = 0.0) -> None:
+        """Save, stop, wait ``downtime`` seconds, start again on the same port and data."""
+        assert self.proc is not None
+        self.command("SHUTDOWN", "SAVE")
+        self.proc.wait(timeout=30)
+        time.sleep(downtime)
+        self.start()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # pragma: no cover - a stuck server
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
