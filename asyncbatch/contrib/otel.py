@@ -88,7 +88,15 @@ from ._figures import (
     reason_counts,
 )
 
-__all__ = ["METER_NAME", "SPAN_PREFIX", "BatcherTelemetry", "instrument"]
+__all__ = [
+    "DURATION_BUCKETS",
+    "METER_NAME",
+    "SIZE_BUCKETS",
+    "SPAN_PREFIX",
+    "WAIT_BUCKETS",
+    "BatcherTelemetry",
+    "instrument",
+]
 
 METER_NAME = "asyncbatch"
 """The name of the meter (and of the tracer)."""

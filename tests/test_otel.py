@@ -1,0 +1,460 @@
+"""asyncbatch.contrib.otel with the real OpenTelemetry SDK: in-memory reader and exporter.
+
+Metric values, units and histogram buckets are checked exactly against known
+workloads on virtual time (looptime); spans for their names, attributes,
+links to the submitters' spans, parentage and ERROR status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    HistogramDataPoint,
+    InMemoryMetricReader,
+    NumberDataPoint,
+    Sum,
+)
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanContext, StatusCode
+
+import asyncbatch
+from asyncbatch import Batcher, DataLoader, Retry, batch
+from asyncbatch.contrib.otel import (
+    DURATION_BUCKETS,
+    SIZE_BUCKETS,
+    WAIT_BUCKETS,
+    BatcherTelemetry,
+    instrument,
+)
+
+pytestmark = pytest.mark.looptime
+
+
+@dataclass
+class Metrics:
+    """One collection: instrument name -> (kind, unit, points)."""
+
+    kinds: dict[str, str]
+    units: dict[str, str]
+    points: dict[str, list[Any]]
+
+    @classmethod
+    def collect(cls, reader: InMemoryMetricReader) -> Metrics:
+        data = reader.get_metrics_data()
+        assert data is not None
+        kinds: dict[str, str] = {}
+        units: dict[str, str] = {}
+        points: dict[str, list[Any]] = {}
+        for resource_metrics in data.resource_metrics:
+            for scope_metrics in resource_metrics.scope_metrics:
+                assert scope_metrics.scope.name == "asyncbatch"
+                assert scope_metrics.scope.version == asyncbatch.__version__
+                for metric in scope_metrics.metrics:
+                    kind = type(metric.data).__name__
+                    if isinstance(metric.data, Sum):
+                        assert metric.data.is_monotonic
+                    kinds[metric.name] = kind
+                    units[metric.name] = metric.unit or ""
+                    points[metric.name] = list(metric.data.data_points)
+        return cls(kinds, units, points)
+
+    def values(self, name: str, batcher: str, key: str | None = None) -> Any:
+        """The value of ``name`` for ``batcher``, or ``{attribute key value: value}``."""
+        out: dict[Any, Any] = {}
+        for point in self.points.get(name, []):
+            attributes = dict(point.attributes)
+            if attributes.pop("asyncbatch.batcher") != batcher:
+                continue
+            assert isinstance(point, NumberDataPoint)
+            if key is None:
+                assert attributes == {}
+                return point.value
+            assert set(attributes) == {key}
+            out[attributes[key]] = point.value
+        return out
+
+    def histogram(self, name: str, batcher: str) -> HistogramDataPoint:
+        (point,) = [
+            p for p in self.points[name] if dict(p.attributes) == {"asyncbatch.batcher": batcher}
+        ]
+        assert isinstance(point, HistogramDataPoint)
+        return point
+
+
+def buckets(bounds: tuple[float, ...], counts: dict[float, int]) -> list[int]:
+    """Per-bucket (not cumulative) counts, OpenTelemetry's way: the last is (max bound, +inf)."""
+    return [counts.get(bound, 0) for bound in (*bounds, float("inf"))]
+
+
+@pytest.fixture
+def reader() -> InMemoryMetricReader:
+    return InMemoryMetricReader()
+
+
+@pytest.fixture
+def meter_provider(reader: InMemoryMetricReader) -> Iterator[MeterProvider]:
+    provider = MeterProvider(metric_readers=[reader])
+    yield provider
+    provider.shutdown()
+
+
+@pytest.fixture
+def exporter() -> InMemorySpanExporter:
+    return InMemorySpanExporter()
+
+
+@pytest.fixture
+def tracer_provider(exporter: InMemorySpanExporter) -> Iterator[TracerProvider]:
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield provider
+    provider.shutdown()
+
+
+def sink_spans(exporter: InMemorySpanExporter, batcher: str) -> list[ReadableSpan]:
+    return [s for s in exporter.get_finished_spans() if s.name == f"asyncbatch.sink {batcher}"]
+
+
+class Orders:
+    """0.2 s per call; item 3 fails alone (an Exception entry); a call with 99 raises."""
+
+    def __init__(self, tracer: trace.Tracer | None = None) -> None:
+        self.calls: list[list[int]] = []
+        self.tracer = tracer or trace.get_tracer("backend")
+
+    async def __call__(self, items: list[int]) -> list[int | Exception]:
+        self.calls.append(list(items))
+        with self.tracer.start_as_current_span("backend call"):
+            await asyncio.sleep(0.2)
+        if 99 in items:
+            raise ConnectionError("backend down")
+        return [ValueError(f"bad order {x}") if x == 3 else x * 10 for x in items]
+
+
+async def test_metrics_for_a_known_workload(
+    meter_provider: MeterProvider, reader: InMemoryMetricReader
+) -> None:
+    orders_sink = Orders()
+    calls = 0
+
+    async def flaky(items: list[str]) -> list[str]:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.03)
+        if calls == 1:
+            raise ConnectionError("backend restarting")
+        return [s.upper() for s in items]
+
+    orders = Batcher(orders_sink, max_size=4, name="orders")
+    emails = Batcher(
+        flaky, max_size=8, retry=Retry(attempts=3, backoff=0.05, jitter=False), name="emails"
+    )
+    instrument(orders, meter_provider=meter_provider)
+    instrument(emails, meter_provider=meter_provider)
+    async with orders, emails:
+        results = await orders.submit_many(list(range(10)), return_exceptions=True)
+        assert await emails.submit_many(["a", "b", "c"]) == ["A", "B", "C"]
+    assert [r if isinstance(r, int) else "error" for r in results] == [
+        0, 10, 20, "error", 40, 50, 60, 70, 80, 90,
+    ]  # fmt: skip
+    assert orders_sink.calls == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+    got = Metrics.collect(reader)
+    assert got.kinds == {
+        "asyncbatch.items": "Sum",
+        "asyncbatch.batches": "Sum",
+        "asyncbatch.pending": "Gauge",
+        "asyncbatch.in_flight": "Gauge",
+        "asyncbatch.batch.size": "Histogram",
+        "asyncbatch.sink.duration": "Histogram",
+        "asyncbatch.batch.wait": "Histogram",
+        "asyncbatch.retries": "Sum",
+        "asyncbatch.concurrency.limit": "Gauge",
+        # No DataLoader here: the cache instruments have no points.
+    }
+    assert got.units == {
+        "asyncbatch.items": "{item}",
+        "asyncbatch.batches": "{batch}",
+        "asyncbatch.pending": "{item}",
+        "asyncbatch.in_flight": "{item}",
+        "asyncbatch.batch.size": "{item}",
+        "asyncbatch.sink.duration": "s",
+        "asyncbatch.batch.wait": "s",
+        "asyncbatch.retries": "{call}",
+        "asyncbatch.concurrency.limit": "{call}",
+    }
+    assert got.values("asyncbatch.items", "orders", "asyncbatch.outcome") == {
+        "succeeded": 9, "failed": 1, "cancelled": 0, "expired": 0, "rejected": 0, "dropped": 0,
+    }  # fmt: skip
+    assert got.values("asyncbatch.items", "emails", "asyncbatch.outcome")["succeeded"] == 3
+    assert got.values("asyncbatch.batches", "orders", "asyncbatch.reason") == {
+        "size": 2, "weight": 0, "wait": 1, "interval": 0, "flush": 0, "close": 0,
+    }  # fmt: skip
+    assert got.values("asyncbatch.retries", "orders") == 0
+    assert got.values("asyncbatch.retries", "emails") == 1
+    for name in ("orders", "emails"):
+        assert got.values("asyncbatch.pending", name) == 0
+        assert got.values("asyncbatch.in_flight", name) == 0
+        assert got.values("asyncbatch.concurrency.limit", name) == 1
+
+    size = got.histogram("asyncbatch.batch.size", "orders")
+    assert list(size.explicit_bounds) == list(SIZE_BUCKETS)
+    assert (size.count, size.sum, size.min, size.max) == (3, 10, 2, 4)
+    assert list(size.bucket_counts) == buckets(SIZE_BUCKETS, {2: 1, 4: 2})
+    size = got.histogram("asyncbatch.batch.size", "emails")
+    assert (size.count, size.sum) == (2, 6)  # the failed call and its retry
+    duration = got.histogram("asyncbatch.sink.duration", "orders")
+    assert list(duration.explicit_bounds) == list(DURATION_BUCKETS)
+    assert duration.count == 3
+    assert duration.sum == pytest.approx(0.6, abs=1e-6)
+    assert list(duration.bucket_counts) == buckets(DURATION_BUCKETS, {0.25: 3})
+    duration = got.histogram("asyncbatch.sink.duration", "emails")
+    assert duration.count == 2
+    assert duration.sum == pytest.approx(0.06, abs=1e-6)
+    wait = got.histogram("asyncbatch.batch.wait", "orders")
+    assert list(wait.explicit_bounds) == list(WAIT_BUCKETS)
+    assert wait.count == 3
+    assert wait.sum == pytest.approx(0.6, abs=1e-6)  # 0, 0.2 and 0.4 s for the slot
+    assert list(wait.bucket_counts) == buckets(WAIT_BUCKETS, {0.0001: 1, 0.25: 1, 0.5: 1})
+    assert got.histogram("asyncbatch.batch.wait", "emails").count == 1
+
+
+async def test_gauges_are_observed_at_collection(
+    meter_provider: MeterProvider, reader: InMemoryMetricReader
+) -> None:
+    gate = asyncio.Event()
+
+    async def held(items: list[int]) -> list[int]:
+        await gate.wait()
+        return items
+
+    async with Batcher(held, max_size=4, max_concurrency=2, name="held") as b:
+        instrument(b, meter_provider=meter_provider)
+        futures = [b.submit_nowait(i) for i in range(10)]
+        for _ in range(5):
+            await asyncio.sleep(0)
+        got = Metrics.collect(reader)
+        assert got.values("asyncbatch.in_flight", "held") == 8
+        assert got.values("asyncbatch.pending", "held") == 2
+        assert got.values("asyncbatch.concurrency.limit", "held") == 2
+        gate.set()
+        assert await asyncio.gather(*futures) == list(range(10))
+    got = Metrics.collect(reader)
+    assert got.values("asyncbatch.in_flight", "held") == 0
+    assert got.values("asyncbatch.items", "held", "asyncbatch.outcome")["succeeded"] == 10
+
+
+async def test_spans_attributes_links_and_error_status(
+    meter_provider: MeterProvider,
+    tracer_provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+) -> None:
+    orders_sink = Orders(tracer_provider.get_tracer("backend"))
+    orders = Batcher(orders_sink, max_size=4, name="orders")
+    telemetry = instrument(orders, meter_provider=meter_provider, tracer_provider=tracer_provider)
+    assert telemetry.tracing
+    assert telemetry.capture is not None
+    tracer = tracer_provider.get_tracer("test")
+    submitters: dict[int, SpanContext] = {}
+
+    async def request(x: int) -> object:
+        # Each request has its own span, current while it awaits its item.
+        with tracer.start_as_current_span(f"request {x}") as span:
+            submitters[x] = span.get_span_context()
+            try:
+                return await orders.submit(x)
+            except Exception as exc:
+                return exc
+
+    async with orders:
+        # Items 0-3, then 4, 5, 99, 7 (a batch whose call raises), then 8 and 9
+        # submitted from no span at all.
+        results = await asyncio.gather(
+            *(request(x) for x in (0, 1, 2, 3, 4, 5, 99, 7)), orders.submit(8), orders.submit(9)
+        )
+    assert orders_sink.calls == [[0, 1, 2, 3], [4, 5, 99, 7], [8, 9]]
+    assert results[:4] == [0, 10, 20, results[3]]
+    assert isinstance(results[3], ValueError)  # a per-item error: the call succeeded
+    assert all(isinstance(r, ConnectionError) for r in results[4:8])
+
+    spans = sink_spans(exporter, "orders")
+    assert [dict(s.attributes or {}) for s in spans] == [
+        {
+            "asyncbatch.batcher": "orders",
+            "messaging.batch.message_count": n,
+            "asyncbatch.attempt": 1,
+        }
+        for n in (4, 4, 2)
+    ]
+    first, failed, anonymous = spans
+    assert [link.context for link in first.links] == [submitters[x] for x in (0, 1, 2, 3)]
+    assert [link.context for link in failed.links] == [submitters[x] for x in (4, 5, 99, 7)]
+    assert list(anonymous.links) == []  # no span was current: no link
+    # A root span of its own trace, linked to the requests (not their child).
+    assert all(s.parent is None for s in spans)
+
+    assert first.status.status_code is StatusCode.UNSET
+    assert failed.status.status_code is StatusCode.ERROR
+    assert failed.status.description == "ConnectionError: backend down"
+    (event,) = failed.events
+    assert event.name == "exception"
+    assert dict(event.attributes or {})["exception.type"] == "ConnectionError"
+    assert dict(event.attributes or {})["exception.message"] == "backend down"
+    # The sink's own spans are children of its call's span.
+    backend = [s for s in exporter.get_finished_spans() if s.name == "backend call"]
+    assert [s.parent.span_id if s.parent else None for s in backend] == [
+        s.context.span_id for s in spans if s.context
+    ]
+    assert len({s.context.trace_id for s in backend if s.context}) == 3
+
+
+async def test_retries_are_separate_spans_with_their_attempt(
+    meter_provider: MeterProvider,
+    reader: InMemoryMetricReader,
+    tracer_provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+) -> None:
+    calls = 0
+
+    async def flaky(items: list[str]) -> list[str]:
+        nonlocal calls
+        calls += 1
+        if calls <= 2:
+            raise TimeoutError("slow backend")
+        return [s.upper() for s in items]
+
+    async with Batcher(
+        flaky, name="emails", retry=Retry(attempts=3, backoff=0.05, jitter=False)
+    ) as emails:
+        instrument(emails, meter_provider=meter_provider, tracer_provider=tracer_provider)
+        with tracer_provider.get_tracer("test").start_as_current_span("send") as send:
+            assert await emails.submit_many(["a", "b"]) == ["A", "B"]
+    spans = sink_spans(exporter, "emails")
+    assert [(s.attributes or {})["asyncbatch.attempt"] for s in spans] == [1, 2, 3]
+    assert [s.status.status_code for s in spans] == [
+        StatusCode.ERROR,
+        StatusCode.ERROR,
+        StatusCode.UNSET,
+    ]
+    # Both items came from one span: one link, not two.
+    assert [[link.context for link in s.links] for s in spans] == [[send.get_span_context()]] * 3
+    metrics = Metrics.collect(reader)
+    assert metrics.values("asyncbatch.retries", "emails") == 2
+    assert metrics.histogram("asyncbatch.sink.duration", "emails").count == 3
+
+
+async def test_links_are_capped_at_128(
+    meter_provider: MeterProvider,
+    tracer_provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+) -> None:
+    async def sink(items: list[int]) -> list[int]:
+        return items
+
+    b = Batcher(sink, max_size=200, name="wide")
+    instrument(b, meter_provider=meter_provider, tracer_provider=tracer_provider)
+    tracer = tracer_provider.get_tracer("test")
+    contexts: list[SpanContext] = []
+
+    async def request(x: int) -> int:
+        with tracer.start_as_current_span(f"request {x}") as span:
+            contexts.append(span.get_span_context())
+            return await b.submit(x)
+
+    async with b:
+        assert await asyncio.gather(*(request(x) for x in range(200))) == list(range(200))
+    (span,) = sink_spans(exporter, "wide")
+    assert (span.attributes or {})["messaging.batch.message_count"] == 200
+    assert [link.context for link in span.links] == contexts[:128]
+
+
+async def test_no_tracer_provider_means_no_capture_and_no_span(
+    meter_provider: MeterProvider, reader: InMemoryMetricReader
+) -> None:
+    """The global tracer provider is not set in the tests: nothing is captured per item."""
+    assert isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+
+    async def sink(items: list[int]) -> list[int]:
+        return items
+
+    async with Batcher(sink, name="quiet") as b:
+        telemetry = instrument(b, meter_provider=meter_provider)
+        assert telemetry.capture is None
+        assert not telemetry.tracing
+        assert repr(telemetry) == "<BatcherTelemetry batcher='quiet' [metrics]>"
+        assert await b.submit_many([1, 2, 3]) == [1, 2, 3]
+    assert Metrics.collect(reader).histogram("asyncbatch.batch.size", "quiet").count == 1
+    # A no-op provider given explicitly is no tracer either.
+    async with Batcher(sink, name="noop") as b:
+        telemetry = instrument(
+            b, meter_provider=meter_provider, tracer_provider=trace.NoOpTracerProvider()
+        )
+        assert telemetry.capture is None
+
+
+async def test_batch_function_and_dataloader(
+    meter_provider: MeterProvider,
+    reader: InMemoryMetricReader,
+    tracer_provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+) -> None:
+    @batch(max_size=3, name="double")
+    async def double(items: list[int]) -> list[int]:
+        return [x * 2 for x in items]
+
+    async def load(keys: list[int]) -> list[str]:
+        return [f"user {k}" for k in keys]
+
+    instrument(double, meter_provider=meter_provider, tracer_provider=tracer_provider)
+    loader = DataLoader(load, name="users")
+    instrument(loader, meter_provider=meter_provider)
+    assert await asyncio.gather(*(double(i) for i in range(7))) == [0, 2, 4, 6, 8, 10, 12]
+    assert await loader.load_many([1, 2, 1]) == ["user 1", "user 2", "user 1"]
+    assert await loader.load(2) == "user 2"
+    got = Metrics.collect(reader)
+    assert got.values("asyncbatch.items", "double", "asyncbatch.outcome")["succeeded"] == 7
+    assert [len(s.links) for s in sink_spans(exporter, "double")] == [0, 0, 0]
+    assert got.values("asyncbatch.cache.misses", "users") == 2
+    assert got.values("asyncbatch.cache.hits", "users") == 2
+    assert got.values("asyncbatch.cache.hits", "double") == {}  # not a DataLoader
+    await double.aclose()
+    await loader.aclose()
+
+
+async def test_same_name_twice_with_one_meter_provider_is_an_error(
+    meter_provider: MeterProvider, reader: InMemoryMetricReader
+) -> None:
+    async def sink(items: list[int]) -> list[int]:
+        return items
+
+    first = instrument(Batcher(sink, name="orders"), meter_provider=meter_provider)
+    with pytest.raises(ValueError, match="'orders' is already instrumented"):
+        instrument(Batcher(sink, name="orders"), meter_provider=meter_provider)
+    other = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    instrument(Batcher(sink, name="orders"), meter_provider=other)
+    other.shutdown()
+    first.remove()
+    first.remove()
+    assert repr(first) == "<BatcherTelemetry batcher='orders' [removed]>"
+    again = instrument(Batcher(sink, name="orders"), meter_provider=meter_provider)
+    assert isinstance(again, BatcherTelemetry)
+    assert (
+        Metrics.collect(reader).values("asyncbatch.items", "orders", "asyncbatch.outcome")[
+            "succeeded"
+        ]
+        == 0
+    )
+
+
+def test_wrong_target_is_a_type_error(meter_provider: MeterProvider) -> None:
+    with pytest.raises(TypeError, match="expected an asyncbatch Batcher"):
+        instrument(42, meter_provider=meter_provider)
