@@ -1,0 +1,217 @@
+"""Durability under faults: a consumer process SIGKILLed mid-batch, a server restart.
+
+- ``test_consumer_processes_survive_a_sigkill``: a producer process writes
+  20,000 entries (20 poison); three consumer processes share the group; one
+  is SIGKILLed in the middle of a batch and later restarted under its name.
+  Every good entry is processed, exactly the poison entries are dead-lettered
+  with their errors, the pending list ends empty, and the duplicates are
+  counted and bounded by what the killed process held.
+- ``test_a_server_restart_under_a_running_consumer``: the server goes away
+  for half a second (and comes back with its data); the consumer retries
+  with backoff and loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as RedisRetry
+from redis.backoff import NoBackoff
+
+from asyncbatch import Retry
+from asyncbatch.contrib.redis import StreamConsumer, StreamEntry, StreamWriter
+
+from .redis_server import RedisServer
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = ROOT / "tests" / "redis_worker.py"
+
+pytestmark = pytest.mark.realtime
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    with RedisServer() as srv:
+        yield srv
+
+
+def spawn(*args: str) -> subprocess.Popen[str]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_until(what: str, check: Any, within: float) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.002)
+
+
+@pytest.mark.timeout(180)
+def test_consumer_processes_survive_a_sigkill(server: RedisServer) -> None:
+    count, poison_every = 20_000, 1000
+    r = redis.Redis(port=server.port, decode_responses=True)
+    r.xgroup_create("jobs", "workers", id="0", mkstream=True)
+    port = str(server.port)
+    producer = spawn("produce", "--port", port, "--count", str(count))
+    workers = {
+        name: spawn("consume", "--port", port, "--name", name, *extra)
+        for name, extra in (("w1", ()), ("w2", ()), ("w3", ("--loop", "uvloop")))
+    }
+    procs: list[subprocess.Popen[str]] = [producer, *workers.values()]
+    try:
+        # Kill w2 while a batch of it is written but not yet answered (nor acked).
+        wait_until("5,000 entries processed", lambda: r.hlen("processed") >= 5000, 60)
+        wait_until("w2 in the middle of a batch", lambda: int(r.get("busy:w2") or 0) > 0, 30)
+        workers["w2"].send_signal(signal.SIGKILL)
+        workers["w2"].wait(10)
+        held_by_killed = int(
+            next(
+                c["pending"]
+                for c in r.xpending("jobs", "workers")["consumers"]
+                if c["name"] == "w2"
+            )
+        )
+        assert held_by_killed > 0
+        assert producer.wait(60) == 0, producer.stderr.read() if producer.stderr else ""
+        time.sleep(0.5)
+        workers["w2-restarted"] = spawn("consume", "--port", port, "--name", "w2")
+        procs.append(workers["w2-restarted"])
+
+        poison = {i for i in range(count) if i % poison_every == poison_every // 2}
+        good_count = count - len(poison)
+
+        def finished() -> bool:
+            return (
+                r.hlen("processed") >= good_count
+                and r.xlen("jobs:dead") >= len(poison)
+                and int(r.xpending("jobs", "workers")["pending"]) == 0
+            )
+
+        wait_until("every entry processed or dead-lettered", finished, 90)
+        stats = {}
+        for name, proc in workers.items():
+            if name == "w2":
+                continue
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=30)
+            assert proc.returncode == 0, err
+            stats[name] = json.loads(out.strip().splitlines()[-1])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()  # reaps it and closes its pipes
+
+    entries = cast("list[tuple[str, dict[str, str]]]", r.xrange("jobs"))
+    assert len(entries) == count
+    poison_ids = {i for i, f in entries if f["poison"] == "1"}
+    assert len(poison_ids) == len(poison)
+    good_ids = {i for i, f in entries if f["poison"] == "0"}
+
+    processed = {k: int(v) for k, v in r.hgetall("processed").items()}
+    assert set(processed) == good_ids  # every good entry at least once, no poison one
+    dead = cast("list[tuple[str, dict[str, str]]]", r.xrange("jobs:dead"))
+    assert sorted(f["source_id"] for _, f in dead) == sorted(poison_ids)  # exactly, once each
+    for _, fields in dead:
+        assert fields["error"] == f"poison entry {fields['source_id']}"
+        assert fields["error_type"] == "__main__.PoisonError"
+        assert fields["deliveries"] == "3"
+        assert fields["poison"] == "1"
+    assert int(r.xpending("jobs", "workers")["pending"]) == 0
+
+    # At least once: the killed batch was processed again, nothing else was.
+    duplicates = sum(processed.values()) - len(processed)
+    assert 1 <= duplicates <= held_by_killed, (duplicates, held_by_killed)
+    survivors_acked = sum(s["acked"] for s in stats.values())
+    assert sum(s["dead_lettered"] for s in stats.values()) == len(poison)
+    assert survivors_acked <= len(good_ids)
+    assert (
+        stats["w2-restarted"]["redelivered"]
+        + sum(s["claimed"] for n, s in stats.items() if n != "w2-restarted")
+        >= 1
+    )
+    print(
+        f"\n{count} entries, {len(poison)} poison; w2 killed holding {held_by_killed}; "
+        f"duplicates {duplicates}; survivors' stats {stats}"
+    )
+    r.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_server_restart_under_a_running_consumer(server: RedisServer) -> None:
+    # No retries inside redis-py: the outage reaches the consumer, whose own
+    # backoff is what is tested (redis-py's default retries would hide it).
+    r = aioredis.Redis(port=server.port, retry=RedisRetry(NoBackoff(), 0), socket_timeout=5)
+    writer_client = aioredis.Redis(port=server.port, retry=RedisRetry(NoBackoff(), 0))
+    seen: list[str] = []
+    numbers: set[int] = set()
+    enough = asyncio.Event()
+
+    async def sink(entries: list[StreamEntry]) -> None:
+        await asyncio.sleep(0.005)
+        seen.extend(e.id for e in entries)
+        numbers.update(int(e.fields[b"n"]) for e in entries)
+        if len(numbers) >= 500:
+            enough.set()
+
+    consumer = StreamConsumer(
+        r, stream="s", group="g", consumer="c", sink=sink, max_size=50, min_idle=5.0, block=0.1
+    )
+    run = asyncio.create_task(consumer.run())
+    writer = StreamWriter(
+        writer_client,
+        stream="s",
+        max_size=50,
+        retry=Retry(attempts=50, backoff=0.05, max_backoff=0.3),
+    )
+    total = 3000
+
+    async def write() -> None:
+        for start in range(0, total, 100):
+            await writer.submit_many([{"n": n} for n in range(start, start + 100)])
+            await asyncio.sleep(0.01)
+
+    producing = asyncio.create_task(write())
+    await enough.wait()
+    await asyncio.to_thread(server.restart, 1.0)
+    await producing
+    await writer.aclose()
+    deadline = time.monotonic() + 30
+    while len(numbers) < total or int((await r.xpending("s", "g"))["pending"]):
+        assert time.monotonic() < deadline, (len(numbers), consumer.stats)
+        await asyncio.sleep(0.05)
+    await consumer.stop()
+    await run
+    stats = consumer.stats
+    assert numbers == set(range(total))  # nothing lost
+    assert stats.connection_errors >= 1
+    # Every processed delivery was acknowledged exactly once, none counted before it was.
+    assert stats.acked == len(seen)
+    assert stats.failed == 0
+    assert int((await r.xpending("s", "g"))["pending"]) == 0
+    await r.aclose()
+    await writer_client.aclose()
