@@ -30,6 +30,24 @@ Two load shapes:
     measured time for both systems, so the ratio is diluted; read the
     *added* column.
 
+``--integrations`` adds the same ``asyncbatch`` batcher with each metrics
+integration attached (the core's observer hooks; see the README section
+"Metrics and traces"), each in a fresh registry or provider per run:
+
+``asyncbatch+prometheus``
+    ``asyncbatch.contrib.prometheus.instrument(batcher, registry=CollectorRegistry())``.
+``asyncbatch+otel``
+    ``asyncbatch.contrib.otel.instrument(batcher, meter_provider=MeterProvider())``
+    (the OpenTelemetry SDK; no tracer provider, so nothing is captured per item).
+``asyncbatch+otel-traces``
+    the same with an SDK ``TracerProvider()`` too: a span per sink call, and the
+    submitter's context captured for the first 128 items of each batch (the
+    callers run under no span here, so the spans have no links).
+
+and prints a second table: each one's median µs per item beside the plain
+batcher's, from the same interleaved runs, and the difference (the target is
+at most +0.1 µs per item).
+
 Every run is verified (each caller gets exactly ``2 * x`` for its own ``x``,
 and the sink saw every item exactly once); a wrong run is reported and not
 counted. Each configuration (loop x GC x shape) runs ``--repeat`` times per
@@ -43,6 +61,7 @@ Usage (from the repository root)::
     .venv/bin/python benchmarks/overhead.py --quick         # smoke test, seconds
     .venv/bin/python benchmarks/overhead.py --loop uvloop --gc off --repeat 11
     .venv/bin/python benchmarks/overhead.py --alloc         # memory per pending item
+    .venv/bin/python benchmarks/overhead.py --integrations --loop asyncio --gc on  # metrics cost
     .venv/bin/python benchmarks/overhead.py --profile cprofile --loop asyncio
     .venv/bin/python benchmarks/overhead.py --json benchmarks/out/overhead.json
 """
@@ -77,11 +96,25 @@ from _common import (
 _common.use_checkout()
 
 Shape: TypeAlias = Literal["sustained", "burst"]
-SystemName: TypeAlias = Literal["floor", "asyncbatch", "floor-coro", "asyncbatch-nowait"]
+SystemName: TypeAlias = Literal[
+    "floor",
+    "asyncbatch",
+    "floor-coro",
+    "asyncbatch-nowait",
+    "asyncbatch+prometheus",
+    "asyncbatch+otel",
+    "asyncbatch+otel-traces",
+]
 SHAPES: tuple[Shape, ...] = ("sustained", "burst")
 SYSTEMS: tuple[SystemName, ...] = ("floor", "asyncbatch")
 #: Reference points added by ``--extra``, to split asyncbatch's added cost in two.
 EXTRA_SYSTEMS: tuple[SystemName, ...] = ("floor-coro", "asyncbatch-nowait")
+#: Added by ``--integrations``: the same batcher with a metrics integration attached.
+INTEGRATION_SYSTEMS: tuple[SystemName, ...] = (
+    "asyncbatch+prometheus",
+    "asyncbatch+otel",
+    "asyncbatch+otel-traces",
+)
 
 _S = TypeVar("_S", bound=str)
 
@@ -224,7 +257,40 @@ async def open_system(
     batcher = Batcher(sink, max_size=max_size)
     if system == "asyncbatch-nowait":
         return batcher.submit_nowait, batcher.aclose
+    if system in INTEGRATION_SYSTEMS:
+        return batcher.submit, _instrument(system, batcher)
     return batcher.submit, batcher.aclose
+
+
+def _instrument(system: SystemName, batcher: Any) -> Close:
+    """Attach ``system``'s integration to ``batcher``; a close that also detaches it."""
+    if system == "asyncbatch+prometheus":
+        from prometheus_client import CollectorRegistry
+
+        from asyncbatch.contrib import prometheus
+
+        handle: Any = prometheus.instrument(batcher, registry=CollectorRegistry())
+    else:
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.trace import TracerProvider
+
+        from asyncbatch.contrib import otel
+
+        tracer_provider = (
+            TracerProvider(shutdown_on_exit=False) if system == "asyncbatch+otel-traces" else None
+        )
+        handle = otel.instrument(
+            batcher,
+            meter_provider=MeterProvider(shutdown_on_exit=False),
+            tracer_provider=tracer_provider,
+        )
+        assert handle.tracing == (tracer_provider is not None)
+
+    async def close() -> None:
+        await batcher.aclose()
+        handle.remove()
+
+    return close
 
 
 # -- the load ------------------------------------------------------------------
@@ -543,6 +609,22 @@ def timing_table(rows: Sequence[Row]) -> str:
     return markdown_table(headers, body, right=right)
 
 
+def integrations_table(rows: Sequence[Row]) -> str:
+    """Each integration's median µs per item beside the plain batcher's (same runs)."""
+    headers = ["loop", "GC", "shape", "asyncbatch (none) µs/item"]
+    for system in INTEGRATION_SYSTEMS:
+        headers += [f"{system.removeprefix('asyncbatch+')} µs/item", "added"]
+    body = []
+    for row in rows:
+        none = row.summary("asyncbatch").median
+        cells = [row.loop, "on" if row.gc else "off", row.shape, _fmt(none, 3)]
+        for system in INTEGRATION_SYSTEMS:
+            median = row.summary(system).median
+            cells += [_fmt(median, 3), _fmt(median - none, 3, sign=True)]
+        body.append(cells)
+    return markdown_table(headers, body, right=[False] * 3 + [True] * (len(headers) - 3))
+
+
 # -- allocation mode -----------------------------------------------------------
 
 
@@ -734,6 +816,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="also time floor-coro (the floor behind an async def submit) and "
         "asyncbatch-nowait (submit_nowait), to split the added cost",
     )
+    p.add_argument(
+        "--integrations",
+        action="store_true",
+        help="also time the batcher with each metrics integration attached "
+        "(prometheus, otel, otel with traces) and print their added cost",
+    )
     p.add_argument("--json", metavar="PATH", help="also write every sample to this JSON file")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
@@ -820,6 +908,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _common.write_json(args.json, {"environment": env, "alloc": rows})
         return 0
 
+    systems = SYSTEMS + EXTRA_SYSTEMS if args.extra else SYSTEMS
+    if args.integrations:
+        systems += INTEGRATION_SYSTEMS
     results: list[Row] = []
     for loop_name in loops:
         for gc_on in gcs:
@@ -835,7 +926,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         config,
                         args.repeat,
                         args.clock,
-                        systems=SYSTEMS + EXTRA_SYSTEMS if args.extra else SYSTEMS,
+                        systems=systems,
                         log=lambda msg: print(msg, file=sys.stderr, flush=True),
                     )
                 )
@@ -848,6 +939,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "µs per item;\npair ratios = asyncbatch/floor of each back-to-back pair "
         "(their range shows the noise)."
     )
+    if args.integrations:
+        print(
+            "\nWith a metrics integration attached (medians of the same interleaved runs; "
+            "added = integration - none, µs per item; target <= +0.1):\n"
+        )
+        print(integrations_table(results))
     shares = [x for row in results for x in row.cpu_share()]
     if shares:
         share = Summary.of(shares)

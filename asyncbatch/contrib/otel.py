@@ -184,9 +184,13 @@ def _context_getter() -> Callable[[], object]:
 def _links(captured: Sequence[object]) -> list[Link]:
     """One link per distinct valid span among the captured contexts, in first-seen order."""
     seen: dict[tuple[int, int], SpanContext] = {}
+    last: object = None
     for ctx in captured:
-        if not isinstance(ctx, otel_context.Context):
+        # Items submitted together under one span share one Context object:
+        # skip repeats cheaply before looking the span up.
+        if ctx is last or not isinstance(ctx, otel_context.Context):
             continue
+        last = ctx
         span_context = trace.get_current_span(ctx).get_span_context()
         if span_context.is_valid:
             seen.setdefault((span_context.trace_id, span_context.span_id), span_context)
