@@ -17,17 +17,20 @@ import concurrent.futures
 import contextvars
 import enum
 import functools
+import heapq
 import inspect
 import itertools
 import logging
 import math
 import threading
+import time
 import warnings
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any, Generic, Literal, Self, TypeAlias, TypeVar, overload
 
 from ._exceptions import BatcherClosed, QueueFull
+from ._loopwatch import LoopWatch
 from ._observe import MAX_LINKS, Observer, SinkCall
 from ._results import answer_values
 from ._retry import Retry, Retryable
@@ -73,6 +76,7 @@ class _Batch:
     """
 
     __slots__ = (
+        "arrivals",
         "calls",
         "captured",
         "coalesced",
@@ -82,13 +86,15 @@ class _Batch:
         "failed",
         "finished",
         "futs",
-        "gone",
+        "in_heads",
         "index",
         "items",
+        "left",
         "on_done",
         "opened",
         "partition",
         "reason",
+        "released",
         "running",
         "seq",
         "timer",
@@ -108,10 +114,14 @@ class _Batch:
         self.index: dict[Hashable, int] | None = {} if dedupe else None
         self.extra: dict[int, list[_Fut]] | None = None
         self.coalesced = 0
-        # Slots whose room under max_pending was already released (their callers
-        # all left before dispatch); the dispatch sweep releases the rest.
-        self.gone: set[int] | None = None
-        self.cursor = 0  # slots before it are all gone (drop_oldest scans from here)
+        # Slots whose room under max_pending was already given back (callers
+        # that left, dropped items); the dispatch sweep releases the rest.
+        self.released = 0
+        self.left: set[_Fut] | None = None  # callers whose leaving gave the room back
+        self.cursor = 0  # slots before it have no caller left (drop_oldest scans from here)
+        # drop_oldest: each slot's arrival number, and whether Batcher._heads has it.
+        self.arrivals: list[int] | None = None
+        self.in_heads = False
         # Cancelled futures already counted in stats.cancelled by their caller.
         self.counted: set[_Fut] | None = None
         self.on_done: list[_Fut] | None = None
@@ -195,6 +205,7 @@ class Batcher(Generic[T, R]):
 
     __slots__ = (
         "__weakref__",
+        "_arrival",
         "_batches",
         "_busy",
         "_cancel_on_close",
@@ -203,10 +214,13 @@ class Batcher(Generic[T, R]):
         "_closing",
         "_deadlines",
         "_dedupe",
+        "_discard",
         "_dispatched_slots",
         "_dropped",
         "_expired",
         "_failed",
+        "_gone",
+        "_heads",
         "_hot_thread",
         "_in_flight",
         "_inflight",
@@ -217,6 +231,7 @@ class Batcher(Generic[T, R]):
         "_max_size",
         "_max_weight",
         "_name",
+        "_nested",
         "_observers",
         "_on_batch",
         "_open",
@@ -229,6 +244,9 @@ class Batcher(Generic[T, R]):
         "_putters",
         "_ready",
         "_reasons",
+        "_reclaimed",
+        "_refusals_logged",
+        "_refusals_seen",
         "_rejected",
         "_reserved",
         "_retries",
@@ -240,7 +258,9 @@ class Batcher(Generic[T, R]):
         "_submitted",
         "_succeeded",
         "_timeout",
+        "_undue",
         "_waiting",
+        "_watch",
         "_weigh",
     )
 
@@ -253,7 +273,7 @@ class Batcher(Generic[T, R]):
         interval: float | None = None,
         max_weight: float | None = None,
         weigh: Callable[[T], float] | None = None,
-        max_concurrency: int = 1,
+        max_concurrency: int | None = 1,
         max_pending: int | None = None,
         overflow: Overflow = "block",
         key: Callable[[T], Hashable] | None = None,
@@ -264,26 +284,43 @@ class Batcher(Generic[T, R]):
         on_batch: Callable[[BatchReport], object] | None = None,
         name: str | None = None,
     ) -> None:
-        if not callable(sink):
-            raise TypeError(f"sink must be an async callable, got {sink!r}")
+        _check_sink(sink)
         _check_int("max_size", max_size, 1)
-        _check_int("max_concurrency", max_concurrency, 1)
+        if max_concurrency is not None:
+            _check_int("max_concurrency", max_concurrency, 1)
         if max_pending is not None:
             _check_int("max_pending", max_pending, 1)
         if interval is not None:
-            _check_number("interval", interval, positive=True)
+            _check_number("interval", interval, positive=True, infinite=False)
         if max_wait is None:
             max_wait = None if interval is not None else 0.0
         else:
-            _check_number("max_wait", max_wait, positive=False)
+            _check_number("max_wait", max_wait, positive=False, infinite=True)
+            if math.isinf(max_wait):
+                max_wait = None  # no linger deadline
         if max_weight is not None:
-            _check_number("max_weight", max_weight, positive=True)
+            _check_number("max_weight", max_weight, positive=True, infinite=True)
             if weigh is None:
                 raise ValueError("max_weight needs weigh=, a function item -> weight")
         if timeout is not None:
-            _check_number("timeout", timeout, positive=True)
+            _check_number("timeout", timeout, positive=True, infinite=True)
+            if math.isinf(timeout):
+                timeout = None
         if overflow not in _OVERFLOWS:
             raise ValueError(f"overflow must be one of {_OVERFLOWS}, got {overflow!r}")
+        if (
+            overflow == "drop_oldest"
+            and max_pending is not None
+            and max_pending < max_size
+            and max_weight is None
+            and max_wait is None
+            and interval is None
+        ):
+            raise ValueError(
+                f"max_pending={max_pending} < max_size={max_size} with overflow='drop_oldest' "
+                "and no max_wait or interval: a batch could never fill and has no deadline, "
+                "so nothing would ever be dispatched; set max_wait, or max_pending >= max_size"
+            )
         if retry is not None and not isinstance(retry, Retry):
             raise TypeError(f"retry must be a Retry(...) policy or None, got {retry!r}")
         for fname, fn in (("weigh", weigh), ("key", key), ("partition", partition)):
@@ -297,7 +334,8 @@ class Batcher(Generic[T, R]):
         self._max_size = max_size
         self._max_weight = math.inf if max_weight is None else max_weight
         self._weigh = weigh
-        self._max_concurrency = max_concurrency
+        # None (no limit) is kept as infinity: the slot test stays one comparison.
+        self._max_concurrency: float = math.inf if max_concurrency is None else max_concurrency
         self._max_pending = max_pending
         self._overflow = overflow
         self._key = key
@@ -325,12 +363,24 @@ class Batcher(Generic[T, R]):
         self._waiting: dict[_Batch, None] = {}  # undispatched batches, oldest first
         self._ready: deque[_Batch] = deque()
         self._inflight: dict[_Batch, asyncio.Task[None]] = {}
-        self._putters: deque[_Fut] = deque()
+        # Submitters waiting for room, in line (an OrderedDict: leaving is O(1)).
+        self._putters: OrderedDict[_Fut, None] = OrderedDict()
         self._reserved = 0  # room held for woken putters that have not run yet
         self._busy = 0
         self._seq = itertools.count()
         self._closing: asyncio.Future[None] | None = None
         self._cancel_on_close = False
+        self._undue: dict[_Batch, None] = {}  # open batches not yet due, oldest first
+        # drop_oldest: (arrival number of its oldest live item, seq, batch), a heap.
+        self._heads: list[tuple[int, int, _Batch]] = []
+        self._arrival = itertools.count()
+        self._nested = 0  # sink calls waiting in a submit() to this same batcher
+        self._discard: _Discard | None = None  # the "caller" of put/put_nowait items
+        self._gone: _Fut | None = None  # stands in for the caller of a dropped slot
+        self._watch: LoopWatch | None = None
+        self._refusals_logged = -math.inf
+        self._reclaimed = False
+        self._refusals_seen = (0, 0)
 
         self._pending = 0
         self._peak_pending = 0
@@ -366,6 +416,7 @@ class Batcher(Generic[T, R]):
         for batch in self._undispatched():
             waiting += len(batch.futs) + batch.coalesced
         dispatched = self._dispatched_slots
+        limit = self._max_concurrency
         return BatcherStats(
             submitted=self._submitted + waiting,
             succeeded=self._succeeded,
@@ -381,7 +432,7 @@ class Batcher(Generic[T, R]):
             mean_batch_size=dispatched / self._batches if self._batches else 0.0,
             reasons=dict(self._reasons),
             retries=self._retries,
-            concurrency_limit=self._max_concurrency,
+            concurrency_limit=0 if math.isinf(limit) else int(limit),
         )
 
     async def submit(self, item: T, *, timeout: float | None = None) -> R:  # noqa: ASYNC109
@@ -390,8 +441,9 @@ class Batcher(Generic[T, R]):
         Args:
             item: the item; it reaches the sink in a batch with others.
             timeout: seconds for the whole wait (room under ``max_pending``
-                included). When it runs out the item is withdrawn if not yet
-                dispatched, and ``TimeoutError`` is raised.
+                included); ``None`` or ``math.inf``: no limit. When it runs
+                out the item is withdrawn if not yet dispatched, and
+                ``TimeoutError`` is raised.
 
         Returns:
             The sink's result for this item.
@@ -406,12 +458,17 @@ class Batcher(Generic[T, R]):
                 dropped by ``overflow="drop_oldest"``.
             BatcherClosed: the batcher is closed, or was closed while this
                 call waited for room, or with ``aclose(cancel=True)``.
-            RuntimeError: called from a loop other than the bound one.
+            RuntimeError: no running asyncio loop, a loop other than the bound
+                one, or a sink awaiting ``submit`` of its own batcher while
+                every dispatch slot is held by sinks doing the same (it would
+                wait forever).
 
         Cancellation: cancelling the caller before dispatch withdraws the
-        item; after dispatch the result is dropped. Others are not affected.
+        item and releases its room; after dispatch the result is dropped.
+        Others are not affected.
         """
-        fut: _Fut
+        if self._busy and _IN_SINK.get() is self:
+            return await self._submit_nested(item, timeout)
         if self._plain and timeout is None:
             # _put, inlined for the common configuration (as in submit_nowait).
             if self._hot_thread != _get_ident():
@@ -419,35 +476,68 @@ class Batcher(Generic[T, R]):
             batch = self._open.get(None)
             if batch is None:
                 batch = self._open_batch(None)
-            fut = self._loop.create_future()  # type: ignore[union-attr]
+            fut: _Fut = self._loop.create_future()  # type: ignore[union-attr]
             batch.items.append(item)
             batch.futs.append(fut)
             self._pending += 1
             if len(batch.futs) >= self._max_size:
                 self._seal(batch, "size")
-        else:
-            loop = self._bind()
-            fut = loop.create_future()
-            if timeout is not None:
-                return await self._submit_with_timeout(loop, item, fut, timeout)
-            put = self._put(item, fut)
-            batch = put if put is not None else await self._put_when_room(item, fut, None)
+            try:
+                return await fut  # type: ignore[no-any-return]
+            except asyncio.CancelledError:
+                if fut.cancelled():
+                    self._count_cancelled(batch, fut)
+                    self._withdraw(batch, fut, item)
+                raise
+        return await self._submit(item, timeout)
+
+    async def _submit(self, item: T, timeout: float | None) -> R:  # noqa: ASYNC109
+        """``submit`` on the general path: room, per-item timeout, any option."""
+        loop = self._bind()
+        if timeout is not None:
+            _check_number("timeout", timeout, positive=True, infinite=True)
+            if math.isinf(timeout):
+                timeout = None
+        fut: _Fut = loop.create_future()
+        if timeout is not None:
+            return await self._submit_with_timeout(loop, item, fut, timeout)
+        put = self._put(item, fut)
+        batch = put if put is not None else await self._put_when_room(item, fut, None)
         try:
             return await fut  # type: ignore[no-any-return]
         except asyncio.CancelledError:
             if fut.cancelled():
                 self._count_cancelled(batch, fut)
-                self._withdraw(batch, fut)
+                self._withdraw(batch, fut, item)
             raise
+
+    async def _submit_nested(self, item: T, timeout: float | None) -> R:  # noqa: ASYNC109
+        """``submit`` from inside this batcher's own sink call."""
+        # Every slot held by a sink that waits for an item of this batcher:
+        # none of them can finish, so no slot would ever free up for that item.
+        if self._busy >= self._max_concurrency and self._nested + 1 >= self._busy:
+            raise RuntimeError(
+                f"the sink of {self!r} awaited submit() of its own batcher while every "
+                f"dispatch slot (max_concurrency={self._limit_text()}) is held by a sink "
+                "doing the same: it would wait forever. Raise max_concurrency (None: no "
+                "limit) above the nesting depth, or submit from outside the sink"
+            )
+        self._nested += 1
+        try:
+            return await self._submit(item, timeout)
+        finally:
+            self._nested -= 1
 
     def submit_nowait(self, item: T) -> asyncio.Future[R]:
         """Submit one item without waiting; returns the future of its result.
 
-        For fire-and-forget use or to gather later. It never waits: with no
-        room under ``max_pending`` it raises :class:`QueueFull` whatever
-        ``overflow`` says (like ``Queue.put_nowait``), except
-        ``"drop_oldest"``, which makes room. Cancelling the returned future
-        before dispatch withdraws the item.
+        To gather later. It never waits: with no room under ``max_pending``
+        it raises :class:`QueueFull` whatever ``overflow`` says (like
+        ``Queue.put_nowait``), except ``"drop_oldest"``, which makes room.
+        Cancelling the returned future before dispatch withdraws the item
+        (its room is released when its batch is dispatched). For
+        fire-and-forget use :meth:`put_nowait`: no future, nothing to
+        retrieve.
 
         Must be called from the batcher's event loop thread (a coroutine or
         callback); from other threads use :meth:`submit_threadsafe`.
@@ -455,7 +545,8 @@ class Batcher(Generic[T, R]):
         Raises:
             QueueFull: no room.
             BatcherClosed: the batcher is closed.
-            RuntimeError: no running loop, or another loop than the bound one.
+            RuntimeError: no running asyncio loop, or another loop than the
+                bound one.
         """
         fut: asyncio.Future[R]
         if self._plain:  # _put, inlined for the common configuration (as in submit)
@@ -473,9 +564,70 @@ class Batcher(Generic[T, R]):
             return fut
         fut = self._bind().create_future()
         if self._put(item, fut) is None:
-            self._rejected += 1
+            self._refused("rejected")
             raise QueueFull(self._full_message())
         return fut
+
+    async def put(self, item: T) -> None:
+        """Hand one item over without waiting for its result (fire-and-forget).
+
+        Waits only for room, like ``asyncio.Queue.put``: with ``max_pending``
+        reached, ``overflow="block"`` waits for room, ``"reject"`` raises
+        :class:`QueueFull`, ``"drop_oldest"`` makes room. No future is made:
+        the item's outcome is counted in :attr:`stats`, listed in
+        ``BatchReport.failed_items`` if it fails, and a batch that fails as
+        a whole is logged once (logger ``asyncbatch``, WARNING). Close the
+        batcher (``aclose``/``async with``) to deliver what is still pending.
+
+        Raises:
+            QueueFull: no room and ``overflow="reject"``.
+            BatcherClosed: the batcher is closed, or was closed while this
+                call waited for room.
+            RuntimeError: no running asyncio loop, or another loop than the
+                bound one.
+
+        Cancellation: cancelled while waiting for room, the item was never
+        accepted; once accepted, it is the batcher's.
+        """
+        self._bind()
+        discard = self._discard
+        assert discard is not None
+        if self._put(item, discard) is None:
+            await self._put_when_room(item, discard, None)
+
+    def put_nowait(self, item: T) -> None:
+        """Hand one item over now, without waiting for anything (fire-and-forget).
+
+        Like ``asyncio.Queue.put_nowait``: with no room under ``max_pending``
+        it raises :class:`QueueFull` whatever ``overflow`` says, except
+        ``"drop_oldest"``, which makes room. No future is made; outcomes are
+        reported as in :meth:`put`. Cheaper per item than
+        :meth:`submit_nowait`.
+
+        Raises:
+            QueueFull: no room.
+            BatcherClosed: the batcher is closed.
+            RuntimeError: no running asyncio loop, or another loop than the
+                bound one.
+        """
+        if self._plain:  # _put, inlined (as in submit_nowait)
+            if self._hot_thread != _get_ident():
+                self._bind()
+            batch = self._open.get(None)
+            if batch is None:
+                batch = self._open_batch(None)
+            batch.items.append(item)
+            batch.futs.append(self._discard)  # type: ignore[arg-type]
+            self._pending += 1
+            if len(batch.futs) >= self._max_size:
+                self._seal(batch, "size")
+            return
+        self._bind()
+        discard = self._discard
+        assert discard is not None
+        if self._put(item, discard) is None:
+            self._refused("rejected")
+            raise QueueFull(self._full_message())
 
     @overload
     async def submit_many(
@@ -499,20 +651,26 @@ class Batcher(Generic[T, R]):
         :meth:`submit`; if one is refused (``QueueFull``, ``BatcherClosed``)
         the items already accepted are withdrawn and the error is raised.
         Cancelling the call withdraws every item not yet dispatched.
+
+        Raises:
+            RuntimeError: as :meth:`submit` (checked before any item is taken).
         """
         loop = self._bind()
-        futs: list[_Fut] = []
+        pairs: list[tuple[_Fut, _Batch, T]] = []
         try:
             for item in items:
                 fut: _Fut = loop.create_future()
-                if self._put(item, fut) is None:
-                    await self._put_when_room(item, fut, None)
-                futs.append(fut)
+                batch = self._put(item, fut)
+                if batch is None:
+                    batch = await self._put_when_room(item, fut, None)
+                pairs.append((fut, batch, item))
+            results = await asyncio.gather(*[p[0] for p in pairs], return_exceptions=True)
         except BaseException:
-            for fut in futs:
-                fut.cancel()
+            for fut, batch, item in pairs:
+                if fut.cancel():
+                    self._count_cancelled(batch, fut)
+                    self._withdraw(batch, fut, item)
             raise
-        results = await asyncio.gather(*futs, return_exceptions=True)
         if not return_exceptions:
             for result in results:
                 if isinstance(result, BaseException):
@@ -528,35 +686,48 @@ class Batcher(Generic[T, R]):
         thread: that deadlocks.
 
         Raises:
-            RuntimeError: the batcher is not bound to a running loop.
+            BatcherClosed: the batcher is closed (also: the returned future
+                fails with it if the close wins the race).
+            RuntimeError: the batcher is not bound to a running event loop.
         """
+        if self.closed:
+            raise BatcherClosed(f"{self!r} is closed; it accepts no new items")
         loop = self._loop
-        if loop is None or loop.is_closed():
+        if loop is None or loop.is_closed() or not loop.is_running():
             raise RuntimeError(
                 f"{self!r} is not bound to a running event loop; use it once from "
                 "that loop (or enter `async with`) before submit_threadsafe()"
             )
-        return asyncio.run_coroutine_threadsafe(self.submit(item), loop)
+        return asyncio.run_coroutine_threadsafe(self._submit_threadsafe(item), loop)
+
+    async def _submit_threadsafe(self, item: T) -> R:
+        return await self.submit(item)
 
     async def flush(self) -> None:
         """Dispatch everything pending now and wait until it is resolved.
 
         Waits for every batch holding an item submitted before the call,
         including batches already in flight. ``max_concurrency`` still
-        applies. Cancelling ``flush`` does not cancel the batches.
+        applies. Cancelling ``flush`` does not cancel the batches. Called
+        from inside this batcher's own sink, it does not wait for that sink's
+        own batch (which cannot finish before the sink returns).
+
+        Raises:
+            RuntimeError: called from another loop than the bound one.
         """
         if self._loop is None:
             return
+        self._check_same_loop()
         for batch in list(self._open.values()):
             self._make_due(batch, "flush")
-        await self._wait_for([*self._ready, *self._inflight])
+        await self._wait_for([*self._ready, *self._others_in_flight()])
 
     async def aclose(self, cancel: bool = False) -> None:
         """Stop accepting items, then finish or cancel what is held.
 
-        From the moment it is called, ``submit*`` raise :class:`BatcherClosed`,
-        and so do submitters still blocked waiting for room (they were never
-        accepted).
+        From the moment it is called, ``submit*`` and ``put*`` raise
+        :class:`BatcherClosed`, and so do submitters still blocked waiting
+        for room (they were never accepted).
 
         ``cancel=False`` (drain): every pending item is dispatched at once,
         still in batches of ``max_size``/``max_weight`` and with at most
@@ -569,27 +740,35 @@ class Batcher(Generic[T, R]):
         drain into a cancel if it passes ``cancel=True``). If the task
         running ``aclose`` is cancelled while draining, the close is turned
         into ``cancel=True``, finished, and the cancellation propagates.
-        Afterwards no task, timer or future of the batcher is left behind.
+        Called from inside this batcher's own sink, it closes and waits for
+        everything but that sink's own batch. Afterwards no task, timer or
+        future of the batcher is left behind.
+
+        Raises:
+            RuntimeError: called from another loop than the bound one.
         """
         if self._state is _State.CLOSED:
             return
         if self._state is _State.IDLE:
             self._state = _State.CLOSED
+            self._stop_watch()
             return
+        self._check_same_loop()
         loop = self._loop
         assert loop is not None
         if self._state is _State.CLOSING:
             assert self._closing is not None
             if cancel:
                 self._cancel_everything()
-            await asyncio.shield(self._closing)
+            if self._own_batch() is None:
+                await asyncio.shield(self._closing)
             return
         self._state = _State.CLOSING
         self._hot_thread = None
         self._closing = loop.create_future()
         self._cancel_on_close = cancel
         while self._putters:
-            putter = self._putters.popleft()
+            putter, _ = self._putters.popitem(last=False)
             if not putter.done():
                 putter.set_exception(BatcherClosed(f"{self!r} was closed"))
         try:
@@ -599,14 +778,14 @@ class Batcher(Generic[T, R]):
                 for batch in list(self._open.values()):
                     self._make_due(batch, "close")
             try:
-                await self._wait_for([*self._ready, *self._inflight])
+                await self._wait_for([*self._ready, *self._others_in_flight()])
             except asyncio.CancelledError:
                 self._cancel_everything()
-                tasks = list(self._inflight.values())
+                tasks = self._other_tasks()
                 if tasks:
                     await asyncio.wait(tasks)
                 raise
-            tasks = list(self._inflight.values())
+            tasks = self._other_tasks()
             if tasks:  # cancelled ones finish their last step
                 await asyncio.wait(tasks)
             # Done-callbacks of the items resolved last are already scheduled:
@@ -614,6 +793,7 @@ class Batcher(Generic[T, R]):
             await asyncio.sleep(0)
         finally:
             self._state = _State.CLOSED
+            self._stop_watch()
             self._closing.set_result(None)
 
     async def __aenter__(self) -> Self:
@@ -625,15 +805,27 @@ class Batcher(Generic[T, R]):
         await self.aclose()
 
     def __repr__(self) -> str:
+        state = self._state.value
+        loop = self._loop
+        if self._state is _State.RUNNING and loop is not None and loop.is_closed():
+            state = "loop closed"
         return (
-            f"<Batcher {self._name!r} [{self._state.value}] "
+            f"<Batcher {self._name!r} [{state}] "
             f"pending={self._pending} in_flight={self._in_flight}>"
         )
 
     def __del__(self) -> None:
         if getattr(self, "_state", None) is not _State.RUNNING:
             return
+        self._stop_watch()
         if self._pending or self._in_flight:
+            _log.warning(
+                "batcher %r was garbage-collected with %d pending and %d in-flight items: "
+                "they are lost (close it with `await batcher.aclose()` or `async with`)",
+                self._name,
+                self._pending,
+                self._in_flight,
+            )
             warnings.warn(
                 f"{self!r} was garbage collected with {self._pending} pending and "
                 f"{self._in_flight} in-flight items that will never be resolved; "
@@ -683,11 +875,20 @@ class Batcher(Generic[T, R]):
     # ------------------------------------------------------------ loop binding
 
     def _bind(self) -> asyncio.AbstractEventLoop:
-        loop = asyncio.get_running_loop()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                f"{self!r} needs a running asyncio event loop: use it from a coroutine or "
+                "callback on the loop (under anyio: the asyncio backend; trio is not "
+                "supported), or from another thread with submit_threadsafe()"
+            ) from None
         if self._state is _State.CLOSING or self._state is _State.CLOSED:
             raise BatcherClosed(f"{self!r} is closed; it accepts no new items")
         bound = self._loop
         if bound is loop:
+            if self._hot_thread is None:  # the loop is ending (shutdown_asyncgens) but runs
+                self._hot_thread = _get_ident()
             return loop
         if bound is not None:
             if not bound.is_closed() or self._pending or self._in_flight or self._putters:
@@ -699,35 +900,117 @@ class Batcher(Generic[T, R]):
             self._open.clear()
             self._ready.clear()
             self._waiting.clear()
+            self._undue.clear()
+            self._heads.clear()
+        self._stop_watch()
         self._loop = loop
+        self._discard = _Discard(loop=loop)
+        self._gone = loop.create_future()
+        self._gone.set_result(None)
         self._hot_thread = _get_ident()
         self._deadlines.t0 = loop.time()
         self._state = _State.RUNNING
+        self._watch = LoopWatch(self)
         return loop
+
+    def _check_same_loop(self) -> None:
+        """For ``flush``/``aclose``: the running loop must be the bound one."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not self._loop:
+            raise RuntimeError(
+                f"{self!r} is bound to {self._loop!r}; flush() and aclose() must run on "
+                f"that loop (running: {running!r})"
+            )
+
+    def _loop_ending(self) -> None:
+        """The bound loop is shutting down (``asyncio.run`` ends): say what is lost."""
+        self._watch = None
+        self._hot_thread = None  # the next use goes through _bind, which checks the loop
+        if self._state is _State.RUNNING and (self._pending or self._in_flight):
+            _log.warning(
+                "the event loop of batcher %r is shutting down with %d pending and %d "
+                "in-flight items: they are lost (close the batcher before the loop ends)",
+                self._name,
+                self._pending,
+                self._in_flight,
+            )
+
+    def _stop_watch(self) -> None:
+        watch = self._watch
+        if watch is not None:
+            self._watch = None
+            watch.stop()
+
+    def _own_batch(self) -> _Batch | None:
+        """The batch whose sink call runs in the current task, if any."""
+        if not self._inflight:
+            return None
+        task = asyncio.current_task()
+        for batch, running in self._inflight.items():
+            if running is task:
+                return batch
+        return None
+
+    def _others_in_flight(self) -> list[_Batch]:
+        own = self._own_batch()
+        return [batch for batch in self._inflight if batch is not own]
+
+    def _other_tasks(self) -> list[asyncio.Task[None]]:
+        own = self._own_batch()
+        return [task for batch, task in self._inflight.items() if batch is not own]
+
+    def _limit_text(self) -> str:
+        limit = self._max_concurrency
+        return "None" if math.isinf(limit) else str(int(limit))
 
     # ----------------------------------------------------------------- hot path
 
     def _put(self, item: T, fut: _Fut, waited: bool = False) -> _Batch | None:
-        """Add ``item`` to its partition's open batch; ``None`` if no room."""
-        pkey = None if self._partition is None else self._partition(item)
-        batch = self._open.get(pkey)
+        """Add ``item`` to its partition's open batch; ``None`` if no room.
+
+        Everything computed from the item (partition, dedupe key, weight) is
+        computed and checked first: an item refused for a bad value changes
+        nothing (no room made, no batch opened).
+        """
+        pkey: Hashable = None
+        if self._partition is not None:
+            pkey = self._partition(item)
+            try:
+                batch = self._open.get(pkey)
+            except TypeError:
+                raise TypeError(
+                    f"partition() of {self!r} returned the unhashable {pkey!r} for item "
+                    f"{item!r}; a partition must be hashable (str, int, tuple, ...)"
+                ) from None
+        else:
+            batch = self._open.get(None)
         index: Hashable = None
         if self._dedupe:
             index = item if self._key is None else self._key(item)
+            try:
+                hash(index)
+            except TypeError:
+                raise TypeError(
+                    f"{self!r} has dedupe=True, which needs hashable items or a key= "
+                    f"function; cannot hash {index!r}"
+                ) from None
             if batch is not None and self._coalesce(batch, index, fut):
                 return batch
         weight: float = 0
         if self._weigh is not None:
-            weight = self._weigh(item)
-            if not weight >= 0:
-                raise ValueError(f"weigh(item) must be a number >= 0, got {weight!r}")
+            weight = _checked_weight(self, self._weigh(item), item)
         if self._max_pending is not None and (
             self._pending + (0 if waited else self._reserved) >= self._max_pending
             or (self._putters and not waited)
         ):
-            if self._overflow != "drop_oldest" or not self._drop_oldest():
+            if not self._make_room(waited):
                 return None
-            batch = self._open.get(pkey)  # the drop may have emptied it
+            batch = self._open.get(pkey)  # the room made may have sealed or emptied it
+            if batch is not None and self._dedupe and self._coalesce(batch, index, fut):
+                return batch
         if (
             batch is not None
             and self._weigh is not None
@@ -739,12 +1022,9 @@ class Batcher(Generic[T, R]):
         if batch is None:
             batch = self._open_batch(pkey)
         if batch.index is not None:
-            try:
-                batch.index[index] = len(batch.items)
-            except TypeError:
-                raise TypeError(
-                    f"dedupe=True needs hashable items or a key= function; cannot hash {index!r}"
-                ) from None
+            batch.index[index] = len(batch.items)
+        if batch.arrivals is not None:
+            self._track_arrival(batch)
         batch.items.append(item)
         batch.futs.append(fut)
         self._pending += 1
@@ -757,6 +1037,12 @@ class Batcher(Generic[T, R]):
                 return batch
         if len(batch.items) >= self._max_size:
             self._seal(batch, "size")
+        elif (
+            self._max_pending is not None
+            and self._pending + self._reserved >= self._max_pending
+            and self._overflow != "drop_oldest"
+        ):
+            self._room_ran_out()
         return batch
 
     def _capture_links(self, batch: _Batch) -> None:
@@ -863,9 +1149,15 @@ class Batcher(Generic[T, R]):
         batch = _Batch(pkey, next(self._seq), self._dedupe)
         self._open[pkey] = batch
         self._waiting[batch] = None
+        self._undue[batch] = None
+        if self._max_pending is not None and self._overflow == "drop_oldest":
+            batch.arrivals = []
         batch.opened = now = loop.time()
         if self._soon:
-            batch.timer = loop.call_soon(self._on_timer, batch, "wait")
+            # Due once the tasks created in this iteration have taken their first
+            # step (two hops of the ready queue, as DataLoaders do): a resolver
+            # that loads from a task started now still joins this batch.
+            batch.timer = loop.call_soon(self._on_soon, batch)
             return batch
         deadline = self._deadlines.first(now)
         if deadline is not None:
@@ -879,6 +1171,11 @@ class Batcher(Generic[T, R]):
     def _on_timer(self, batch: _Batch, reason: DispatchReason) -> None:
         batch.timer = None
         self._make_due(batch, reason)
+
+    def _on_soon(self, batch: _Batch) -> None:
+        loop = self._loop
+        assert loop is not None
+        batch.timer = loop.call_soon(self._on_timer, batch, "wait")
 
     def _seal(self, batch: _Batch, reason: DispatchReason) -> None:
         """The batch is full: it takes no more items and becomes due."""
@@ -894,12 +1191,16 @@ class Batcher(Generic[T, R]):
             batch.timer = None
         if batch.reason is None:
             batch.reason = reason
+            self._undue.pop(batch, None)
             self._ready.append(batch)
             self._pump()
 
     def _pump(self) -> None:
-        while self._ready and self._busy < self._max_concurrency:
-            self._start(self._ready.popleft())
+        ready = self._ready
+        while ready and self._busy < self._max_concurrency:
+            batch = ready.popleft()
+            if not batch.running:  # else retired while it waited (every item dropped)
+                self._start(batch)
 
     def _start(self, batch: _Batch) -> None:
         """Seal ``batch``, drop withdrawn callers, and start its sink call."""
@@ -910,9 +1211,8 @@ class Batcher(Generic[T, R]):
             batch.timer = None
         batch.running = True
         del self._waiting[batch]
-        if self._pending > self._peak_pending:
-            self._peak_pending = self._pending
-        self._pending -= len(batch.futs) - (len(batch.gone) if batch.gone else 0)
+        self._undue.pop(batch, None)
+        self._release(len(batch.futs) - batch.released)
         self._submitted += len(batch.futs) + batch.coalesced
         self._wake_putters()
         items, futs, extra = self._live(batch, batch.items, batch.futs, _extra_list(batch))
@@ -944,6 +1244,8 @@ class Batcher(Generic[T, R]):
     ) -> None:
         # A task cancelled before its first step never runs a line of _run, so
         # its callers would wait forever: resolve them here instead.
+        if not task.cancelled():
+            task.exception()  # delivered to the callers already: not "never retrieved"
         if batch.finished:
             return
         closed = self._call_cancelled()
@@ -1197,7 +1499,7 @@ class Batcher(Generic[T, R]):
                 fut = futs[i]
                 if isinstance(value, Exception):
                     if isinstance(value, Retryable):
-                        if again is not None and _has_live(fut, extra, i):
+                        if again is not None and _has_live(fut, extra[i] if extra else None):
                             again.append(i)
                             continue
                         value = value.error
@@ -1307,87 +1609,207 @@ class Batcher(Generic[T, R]):
 
     # ---------------------------------------------------- withdrawal and room
 
-    def _withdraw(self, batch: _Batch, fut: _Fut) -> None:
-        """A caller left before its result: release its room if still pending."""
-        if batch.running or self._dedupe:
-            return  # in flight, or the slot may serve other callers: the sweep decides
-        slot = batch.futs.index(fut)
-        if batch.gone is None:
-            batch.gone = set()
-        elif slot in batch.gone:
-            return
-        batch.gone.add(slot)
-        self._pending -= 1
+    def _release(self, n: int) -> None:
+        """``n`` pending items leave (dispatched, withdrawn, dropped, failed)."""
+        if self._pending > self._peak_pending:
+            self._peak_pending = self._pending  # peaks that end without a dispatch count too
+        self._pending -= n
+
+    def _withdraw(self, batch: _Batch, fut: _Fut, item: T) -> None:
+        """A caller left before its result: release its room if still pending. O(1)."""
+        if batch.running:
+            return  # in flight (the sink has it) or already swept
+        if batch.index is not None:
+            # With dedupe the slot keeps its room while another caller waits on it.
+            index = item if self._key is None else self._key(item)
+            slot = batch.index.get(index)
+            if slot is None or _has_live(batch.futs[slot], _extra_of(batch, slot)):
+                return  # dropped already, or still wanted
+            del batch.index[index]  # released once; an equal newcomer takes a new slot
+            fut = batch.futs[slot]
+        if batch.left is None:
+            batch.left = set()
+        batch.left.add(fut)
+        batch.released += 1
+        self._release(1)
         self._wake_putters()
 
-    def _expire(self, batch: _Batch, fut: _Fut, timeout: float) -> None:
+    def _expire(self, batch: _Batch, fut: _Fut, item: T, timeout: float) -> None:
         if fut.done():
             return
         fut.set_exception(TimeoutError(f"item of {self._name!r} not resolved within {timeout} s"))
         self._expired += 1
-        self._withdraw(batch, fut)
+        self._withdraw(batch, fut, item)
+
+    def _make_room(self, waited: bool) -> bool:
+        """No room for one more item: make some (``drop_oldest``), or say there is none."""
+        if self._overflow == "drop_oldest":
+            return self._drop_oldest()
+        self._room_ran_out()
+        max_pending = self._max_pending
+        assert max_pending is not None
+        return self._pending + (0 if waited else self._reserved) < max_pending and (
+            waited or not self._putters
+        )
+
+    def _room_ran_out(self) -> None:
+        """``block``/``reject`` with ``max_pending`` reached: no open batch can grow.
+
+        A batch that cannot grow is as full as it will get, so every open
+        batch becomes due at once (reason ``"size"``) rather than lingering
+        for ``max_wait``; room comes back as soon as a slot takes them.
+        (Under ``drop_oldest`` batches still grow, by dropping old items.)
+        """
+        for batch in list(self._undue):
+            self._make_due(batch, "size")
+
+    def _track_arrival(self, batch: _Batch) -> None:
+        """``drop_oldest``: number the item, keep its batch findable by its oldest item."""
+        arrivals = batch.arrivals
+        assert arrivals is not None
+        seq = next(self._arrival)
+        arrivals.append(seq)
+        if not batch.in_heads:
+            batch.in_heads = True
+            heapq.heappush(self._heads, (seq, batch.seq, batch))
+
+    def _head(self, batch: _Batch) -> int:
+        """First slot at or after the cursor with a caller still waiting (O(1) amortized).
+
+        Slots passed over whose callers all left without giving their room
+        back (a cancelled ``submit_nowait`` future) give it back now; then
+        ``_reclaimed`` is set and no item needs to be dropped.
+        """
+        futs = batch.futs
+        slot = batch.cursor
+        left = batch.left
+        while slot < len(futs) and not _has_live(futs[slot], _extra_of(batch, slot)):
+            fut = futs[slot]
+            if fut is not self._gone and (left is None or fut not in left):
+                if left is None:
+                    left = batch.left = set()
+                left.add(fut)
+                batch.released += 1
+                self._release(1)
+                self._reclaimed = True
+            slot += 1
+        batch.cursor = slot
+        return slot
 
     def _drop_oldest(self) -> bool:
-        """Free one slot of room, failing the oldest live pending item."""
-        for batch in self._waiting:
-            gone = batch.gone
-            futs = batch.futs
-            for slot in range(batch.cursor, len(futs)):
-                if gone is not None and slot in gone:
-                    continue
-                batch.cursor = slot + 1
-                dropped = QueueFull(
-                    f"dropped by {self!r}: max_pending={self._max_pending} was reached "
-                    "and overflow='drop_oldest' made room for a newer item"
-                )
-                extra = batch.extra.pop(slot, ()) if batch.extra else ()
-                for waiter in (futs[slot], *extra):
-                    if waiter.done():
-                        # Popped from the batch: the sweep will not see it again.
-                        self._count_cancelled(batch, waiter)
-                    else:
-                        waiter.set_exception(dropped)
-                        self._dropped += 1
-                if gone is None:
-                    gone = batch.gone = set()
-                gone.add(slot)
-                batch.items[slot] = None  # the sink will never see it: let it go
-                if batch.index is not None:
-                    # Later equal items must not coalesce into the dropped slot.
-                    for k, s in batch.index.items():
-                        if s == slot:
-                            del batch.index[k]
-                            break
-                self._pending -= 1
-                if len(gone) == len(futs) and self._open.get(batch.partition) is not batch:
-                    self._retire(batch)
+        """Free one slot of room, failing the oldest live pending item of any partition.
+
+        The batches with droppable items sit in a heap keyed by the arrival
+        number of their oldest live item; stale keys are fixed when they come
+        up. O(log partitions) per drop, each slot is passed over once.
+        """
+        heads = self._heads
+        self._reclaimed = False
+        while heads:
+            seq, _, batch = heads[0]
+            if batch.running:  # dispatched (or retired) since it was pushed
+                heapq.heappop(heads)
+                batch.in_heads = False
+                continue
+            slot = self._head(batch)
+            arrivals = batch.arrivals
+            assert arrivals is not None
+            if self._reclaimed:
                 return True
+            if slot == len(batch.futs):
+                heapq.heappop(heads)
+                batch.in_heads = False
+                continue
+            if arrivals[slot] != seq:
+                heapq.heapreplace(heads, (arrivals[slot], batch.seq, batch))
+                continue
+            self._drop_slot(batch, slot)
+            batch.cursor = slot + 1
+            nxt = self._head(batch)
+            if nxt < len(batch.futs):
+                heapq.heapreplace(heads, (arrivals[nxt], batch.seq, batch))
+            else:
+                heapq.heappop(heads)
+                batch.in_heads = False
+                if batch.released == len(batch.futs):
+                    self._retire(batch)
+            return True
         return False
 
+    def _drop_slot(self, batch: _Batch, slot: int) -> None:
+        dropped = QueueFull(
+            f"dropped by {self!r}: max_pending={self._max_pending} was reached "
+            "and overflow='drop_oldest' made room for a newer item"
+        )
+        futs = batch.futs
+        extra = batch.extra.pop(slot, ()) if batch.extra else ()
+        for waiter in (futs[slot], *extra):
+            if waiter.done():
+                # Popped from the batch: the sweep will not see it again.
+                self._count_cancelled(batch, waiter)
+            else:
+                waiter.set_exception(dropped)
+                self._dropped += 1
+        futs[slot] = self._gone  # type: ignore[assignment]
+        batch.items[slot] = None  # the sink will never see it: let it go
+        if batch.index is not None:
+            # Later equal items must not coalesce into the dropped slot.
+            index = batch.index
+            for k in [k for k, s in index.items() if s == slot][:1]:
+                del index[k]
+        batch.released += 1
+        self._release(1)
+        self._refused("dropped")
+
     def _retire(self, batch: _Batch) -> None:
-        """Forget a sealed batch none of whose items is left to dispatch."""
-        del self._waiting[batch]
-        self._ready.remove(batch)
-        batch.running = True
+        """Forget a batch none of whose items is left to dispatch (all dropped)."""
+        if self._open.get(batch.partition) is batch:
+            del self._open[batch.partition]
+        if batch.timer is not None:
+            batch.timer.cancel()
+            batch.timer = None
+        self._undue.pop(batch, None)
+        self._waiting.pop(batch, None)
+        batch.running = True  # _pump passes over it in _ready
         self._submitted += len(batch.futs) + batch.coalesced
         self._live(batch, batch.items, batch.futs, _extra_list(batch))  # counts cancellations
         self._signal_done(batch)
 
+    def _refused(self, what: Literal["rejected", "dropped"]) -> None:
+        """Count a refused or dropped item; log the counts at most once a second."""
+        if what == "rejected":
+            self._rejected += 1
+        now = time.monotonic()
+        if now - self._refusals_logged >= 1.0:
+            rejected = self._rejected - self._refusals_seen[0]
+            dropped = self._dropped - self._refusals_seen[1]
+            self._refusals_logged = now
+            self._refusals_seen = (self._rejected, self._dropped)
+            _log.warning(
+                "batcher %r is full (max_pending=%s, overflow=%r): %d items rejected and "
+                "%d dropped since the last report",
+                self._name,
+                self._max_pending,
+                self._overflow,
+                rejected,
+                dropped,
+            )
+
     async def _put_when_room(self, item: T, fut: _Fut, deadline: float | None) -> _Batch:
         """Wait in line for room (``overflow="block"``), or refuse."""
         if self._overflow == "reject":
-            self._rejected += 1
+            self._refused("rejected")
             raise QueueFull(self._full_message())
         loop = self._loop
         assert loop is not None
+        putters = self._putters
         first = True
         while True:
             putter: _Fut = loop.create_future()
+            putters[putter] = None
             # FIFO: a woken putter that lost its room to a newcomer keeps its turn.
-            if first:
-                self._putters.append(putter)
-            else:
-                self._putters.appendleft(putter)
+            if not first:
+                putters.move_to_end(putter, last=False)
             first = False
             try:
                 async with asyncio.timeout_at(deadline):
@@ -1400,10 +1822,10 @@ class Batcher(Generic[T, R]):
                     # Woken but leaving: pass the reserved room on to the next in line.
                     self._reserved -= 1
                     self._wake_putters()
-                elif putter in self._putters:
-                    self._putters.remove(putter)
+                else:
+                    putters.pop(putter, None)
                 if isinstance(exc, TimeoutError):
-                    self._rejected += 1
+                    self._refused("rejected")
                     raise TimeoutError(
                         f"no room in {self!r} (max_pending={self._max_pending}) "
                         "within the submit timeout"
@@ -1421,7 +1843,7 @@ class Batcher(Generic[T, R]):
             return
         room = self._max_pending - self._pending - self._reserved
         while room > 0 and self._putters:
-            putter = self._putters.popleft()
+            putter, _ = self._putters.popitem(last=False)
             if not putter.done():
                 putter.set_result(None)
                 # Held until that putter runs: newcomers must not take it first.
@@ -1443,18 +1865,17 @@ class Batcher(Generic[T, R]):
         fut: _Fut,
         timeout: float,  # noqa: ASYNC109 - the public per-item timeout
     ) -> R:
-        _check_number("timeout", timeout, positive=True)
         deadline = loop.time() + timeout
         batch = self._put(item, fut)
         if batch is None:
             batch = await self._put_when_room(item, fut, deadline)
-        handle = loop.call_at(deadline, self._expire, batch, fut, timeout)
+        handle = loop.call_at(deadline, self._expire, batch, fut, item, timeout)
         try:
             return await fut  # type: ignore[no-any-return]
         except asyncio.CancelledError:
             if fut.cancelled():
                 self._count_cancelled(batch, fut)
-                self._withdraw(batch, fut)
+                self._withdraw(batch, fut, item)
             raise
         finally:
             handle.cancel()
@@ -1464,6 +1885,8 @@ class Batcher(Generic[T, R]):
         assert loop is not None
         waiters = []
         for batch in dict.fromkeys(batches):
+            if batch.finished or (batch.running and batch not in self._inflight):
+                continue  # retired, or done already
             waiter: _Fut = loop.create_future()
             if batch.on_done is None:
                 batch.on_done = []
@@ -1481,7 +1904,7 @@ class Batcher(Generic[T, R]):
                 batch.timer.cancel()
                 batch.timer = None
             batch.running = True
-            self._pending -= len(batch.futs) - (len(batch.gone) if batch.gone else 0)
+            self._release(len(batch.futs) - batch.released)
             self._submitted += len(batch.futs) + batch.coalesced
             items, futs, extra = self._live(batch, batch.items, batch.futs, _extra_list(batch))
             self._deliver(batch, items, futs, extra, None, closed)
@@ -1489,6 +1912,8 @@ class Batcher(Generic[T, R]):
         self._open.clear()
         self._ready.clear()
         self._waiting.clear()
+        self._undue.clear()
+        self._heads.clear()
         for task in self._inflight.values():
             task.cancel()
 
@@ -1498,6 +1923,21 @@ class Batcher(Generic[T, R]):
 
 class _SinkMisuse(TypeError):
     """The sink is not usable as called (not awaitable): failing again would not help."""
+
+
+class _Discard(asyncio.Future[Any]):
+    """The caller of every ``put``/``put_nowait`` item: nobody.
+
+    One per bound loop, shared by all such items. It stays pending, so the
+    batcher treats its items like any waiting caller's, and it ignores what
+    it is given: no future per item, nothing "never retrieved".
+    """
+
+    def set_result(self, result: Any, /) -> None:
+        pass
+
+    def set_exception(self, exception: type[BaseException] | BaseException, /) -> None:
+        pass
 
 
 def _fail(fut: _Fut, error: BaseException) -> None:
@@ -1514,11 +1954,29 @@ def _fail(fut: _Fut, error: BaseException) -> None:
     fut.set_exception(error)
 
 
-def _has_live(fut: _Fut, extra: list[list[_Fut]] | None, slot: int) -> bool:
-    """Whether slot ``slot`` still has a caller waiting (its first, or a coalesced one)."""
+def _has_live(fut: _Fut, waiters: Sequence[_Fut] | None) -> bool:
+    """Whether a slot still has a caller waiting (its first, or a coalesced one)."""
     if not fut.done():
         return True
-    return extra is not None and not all(map(_done, extra[slot]))
+    return waiters is not None and not all(map(_done, waiters))
+
+
+def _extra_of(batch: _Batch, slot: int) -> list[_Fut] | None:
+    return batch.extra.get(slot) if batch.extra else None
+
+
+def _checked_weight(batcher: Batcher[Any, Any], weight: object, item: object) -> float:
+    if isinstance(weight, bool) or not isinstance(weight, int | float):
+        raise TypeError(
+            f"weigh() of {batcher!r} returned {weight!r} for item {item!r}; "
+            "a weight must be an int or float >= 0"
+        )
+    if not 0 <= weight < math.inf:
+        raise ValueError(
+            f"weigh() of {batcher!r} returned {weight!r} for item {item!r}; "
+            "a weight must be a finite number >= 0"
+        )
+    return weight
 
 
 def _extra_list(batch: _Batch) -> list[list[_Fut]] | None:
@@ -1535,8 +1993,44 @@ def _check_int(name: str, value: object, minimum: int) -> None:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
 
 
-def _check_number(name: str, value: object, *, positive: bool) -> None:
+def _check_number(name: str, value: object, *, positive: bool, infinite: bool) -> None:
+    """A real number in range; ``math.inf`` only where ``infinite`` (documented "no limit")."""
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number of seconds, got {value!r}")
+        raise TypeError(f"{name} must be a number, got {value!r}")
     if math.isnan(value) or (value <= 0 if positive else value < 0):
         raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
+    if not infinite and math.isinf(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+
+
+def _check_sink(sink: object) -> None:
+    """Refuse, at construction, a sink that is plainly not async.
+
+    A plain function or method (``def``, a lambda, or a partial of one) is
+    refused: awaiting its answer would fail only after it ran, and ran again
+    under ``retry``. Other callables cannot be told apart before they are
+    called; a non-awaitable answer then fails its batch with ``TypeError``,
+    never retried.
+    """
+    if not callable(sink):
+        raise TypeError(f"sink must be an async function, got {sink!r}")
+    fn: Any = sink
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    fn = inspect.unwrap(fn)
+    if inspect.isasyncgenfunction(fn):
+        raise TypeError(
+            f"sink {_callable_name(sink)} is an async generator function; a Batcher sink "
+            "must be `async def sink(items)` returning its answer"
+        )
+    if (inspect.isfunction(fn) or inspect.ismethod(fn)) and not inspect.iscoroutinefunction(fn):
+        raise TypeError(
+            f"sink {_callable_name(sink)} is a plain function; a Batcher sink must be an "
+            "async function (`async def sink(items): ...`): wrap it, e.g. "
+            "`async def sink(items): return await to_awaitable(items)`, or run blocking "
+            "code with `await asyncio.to_thread(fn, items)`"
+        )
+
+
+def _callable_name(fn: object) -> str:
+    return repr(getattr(fn, "__qualname__", None) or fn)

@@ -25,10 +25,12 @@ class Retry:
     worth retrying but always worth isolating).
 
     Attributes:
-        attempts: total tries, the first included (``3``: up to 3 sink calls).
-        backoff: delay before the second try, in seconds; it doubles on every
-            further try, up to ``max_backoff``.
-        max_backoff: the cap of that delay.
+        attempts: total tries, the first included (``3``: up to 3 sink calls);
+            an ``int >= 1``, or ``math.inf`` to retry until the sink succeeds
+            (or the caller gives up: cancel it or use ``submit(timeout=...)``).
+        backoff: delay before the second try, in seconds (finite, ``>= 0``);
+            it doubles on every further try, up to ``max_backoff``.
+        max_backoff: the cap of that delay, in seconds (finite, ``>= 0``).
         jitter: "full jitter": wait a uniform random time between 0 and the
             computed delay, so that many batchers do not retry in lockstep.
         retry_on: exception types that are retried.
@@ -47,7 +49,7 @@ class Retry:
     left out of the next try.
     """
 
-    attempts: int = 3
+    attempts: int | float = 3
     backoff: float = 0.05
     max_backoff: float = 2.0
     jitter: bool = True
@@ -55,12 +57,24 @@ class Retry:
     isolate: bool = False
 
     def __post_init__(self) -> None:
-        if self.attempts < 1:
-            raise ValueError(f"Retry.attempts must be >= 1, got {self.attempts!r}")
-        if self.backoff < 0:
-            raise ValueError(f"Retry.backoff must be >= 0, got {self.backoff!r}")
-        if self.max_backoff < 0:
-            raise ValueError(f"Retry.max_backoff must be >= 0, got {self.max_backoff!r}")
+        attempts = self.attempts
+        if isinstance(attempts, float) and attempts == math.inf:
+            pass  # documented: no limit
+        elif isinstance(attempts, bool) or not isinstance(attempts, int):
+            raise TypeError(
+                f"Retry.attempts must be an int (or math.inf: no limit), got {attempts!r}"
+            )
+        elif attempts < 1:
+            raise ValueError(f"Retry.attempts must be >= 1, got {attempts!r}")
+        for name in ("backoff", "max_backoff"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"Retry.{name} must be a number of seconds, got {value!r}")
+            if not 0 <= value < math.inf:
+                raise ValueError(f"Retry.{name} must be finite and >= 0, got {value!r}")
+        for name in ("jitter", "isolate"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"Retry.{name} must be a bool, got {getattr(self, name)!r}")
         retry_on = self.retry_on
         if isinstance(retry_on, type):
             retry_on = (retry_on,)
@@ -83,7 +97,8 @@ class Retry:
             and math.isfinite(retry_after)
         ):
             return max(0.0, float(retry_after))
-        delay = min(self.max_backoff, self.backoff * (2.0 ** (attempt - 1)))
+        # 2.0 ** 1024 overflows; by then any finite cap has long been reached.
+        delay = min(self.max_backoff, self.backoff * (2.0 ** min(attempt - 1, 1000)))
         return random.uniform(0.0, delay) if self.jitter else delay
 
 

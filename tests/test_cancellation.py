@@ -33,7 +33,7 @@ async def test_cancel_before_dispatch_withdraws_the_item() -> None:
 
 
 async def test_cancel_releases_room_at_once() -> None:
-    b = Batcher(RecordingSink(), max_size=10, max_wait=1.0, max_pending=2)
+    b = Batcher(RecordingSink(), max_size=10, max_wait=1.0, max_pending=3)
     t1 = asyncio.create_task(b.submit(1))
     t2 = asyncio.create_task(b.submit(2))
     await settle()
@@ -42,8 +42,35 @@ async def test_cancel_releases_room_at_once() -> None:
     await settle()
     assert b.stats.pending == 1
     assert b.stats.cancelled == 1
-    assert b.submit_nowait(3) is not None  # room was released
-    assert await t2 == 20
+    f3 = b.submit_nowait(3)
+    f4 = b.submit_nowait(4)  # fits only because 1's room was released
+    assert list(await asyncio.gather(t2, f3, f4)) == [20, 30, 40]
+    await b.aclose()
+
+
+@pytest.mark.parametrize("dedupe", [False, True])
+async def test_cancel_of_a_slots_only_caller_releases_room_with_dedupe(dedupe: bool) -> None:
+    # ../shared/cases/faults/dedupe_cancel_room_not_released.py
+    b = Batcher(
+        RecordingSink(),
+        max_size=100,
+        max_wait=1.0,
+        max_pending=4,
+        overflow="reject",
+        dedupe=dedupe,
+    )
+    ta = asyncio.create_task(b.submit(1))
+    tb = asyncio.create_task(b.submit(2))
+    tc = asyncio.create_task(b.submit(2))  # with dedupe: coalesced into 2's slot
+    await settle()
+    assert b.stats.pending == (2 if dedupe else 3)
+    ta.cancel()
+    tb.cancel()  # with dedupe, 2's slot keeps its room: tc still waits on it
+    await asyncio.gather(ta, tb, return_exceptions=True)
+    assert b.stats.pending == (1 if dedupe else 1)
+    f = b.submit_nowait(5)
+    assert list(await asyncio.gather(tc, f)) == [20, 50]
+    assert b.stats.cancelled == 2
     await b.aclose()
 
 

@@ -741,10 +741,12 @@ async def test_a_newcomer_cannot_take_the_room_of_a_woken_blocked_submitter() ->
     left the line, so the newcomer found room and no one waiting.)
     """
     sink = RecordingSink(lambda items: items)
+    sink.gate = asyncio.Event()
     b = Batcher(sink, max_size=10, max_wait=10, max_pending=1)
     try:
+        held = b.submit_nowait("held")  # room runs out: it goes, and holds the slot
         first = asyncio.create_task(b.submit("first"))
-        await asyncio.sleep(0)  # accepted: no room left
+        await asyncio.sleep(0)  # accepted: no room left (due, but the slot is busy)
         waiting = asyncio.create_task(b.submit("waiting"))
         await asyncio.sleep(0)  # waits for room
         first.cancel()  # withdrawn: its room goes to the waiting submitter
@@ -752,8 +754,10 @@ async def test_a_newcomer_cannot_take_the_room_of_a_woken_blocked_submitter() ->
         with pytest.raises(QueueFull):  # the room is taken; the batcher accepts this
             b.submit_nowait("newcomer")
         await asyncio.sleep(0)  # the woken submitter takes its room
+        sink.gate.set()
         await b.flush()
+        assert held.result() == "held"
         assert waiting.result() == "waiting"
-        assert sink.items == ["waiting"]
+        assert sink.items == ["held", "waiting"]
     finally:
         await b.aclose(cancel=True)

@@ -17,11 +17,30 @@ async def test_max_wait_zero_batches_one_loop_iteration() -> None:
     sink = RecordingSink()
     b = Batcher(sink, max_size=100)
     first = [b.submit_nowait(i) for i in range(3)]
-    await asyncio.sleep(0)  # the batch goes at the end of this iteration
+    # Tasks created in this iteration take their first step in the next one:
+    # what they submit there still joins (the batch goes after that step).
+    await asyncio.sleep(0)
     second = [b.submit_nowait(i) for i in range(3, 5)]
-    assert await asyncio.gather(*first, *second) == [0, 10, 20, 30, 40]
-    assert sink.batches == [[0, 1, 2], [3, 4]]
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # dispatched by now
+    third = [b.submit_nowait(5)]
+    assert await asyncio.gather(*first, *second, *third) == [0, 10, 20, 30, 40, 50]
+    assert sink.batches == [[0, 1, 2, 3, 4], [5]]
     assert b.stats.reasons == {"wait": 2}
+    await b.aclose()
+
+
+async def test_max_wait_zero_takes_loads_of_tasks_started_in_the_same_iteration() -> None:
+    # The DataLoader contract (aiodataloader's "loads occurring within
+    # futures", graphql/dataloader's "resilient to job queue ordering").
+    sink = RecordingSink()
+    b = Batcher(sink, max_size=100)
+
+    async def via_task(x: int) -> int:
+        return await b.submit(x)
+
+    assert await asyncio.gather(b.submit(1), via_task(2), via_task(3)) == [10, 20, 30]
+    assert sink.batches == [[1, 2, 3]]
     await b.aclose()
 
 

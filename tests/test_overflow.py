@@ -13,24 +13,45 @@ from .support import RecordingSink, settle
 pytestmark = pytest.mark.looptime
 
 
+async def test_room_running_out_makes_the_open_batch_due() -> None:
+    # A batch that cannot grow because room ran out is as full as it gets:
+    # it goes at once (reason "size") instead of lingering for max_wait.
+    sink = RecordingSink()
+    b = Batcher(sink, max_size=100, max_wait=1.0, max_pending=2, overflow="reject")
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    futs = [b.submit_nowait(i) for i in range(3)]  # the third finds no room: [0, 1] goes
+    assert list(await asyncio.gather(*futs[:2])) == [0, 10]
+    assert loop.time() == t0
+    assert await futs[2] == 20
+    assert sink.batches == [[0, 1], [2]]
+    assert b.stats.reasons == {"size": 1, "wait": 1}
+    assert b.stats.rejected == 0
+    await b.aclose()
+
+
 async def test_reject_raises_at_once_and_counts() -> None:
-    b = Batcher(RecordingSink(), max_wait=1.0, max_pending=2, overflow="reject")
-    f1, f2 = b.submit_nowait(1), b.submit_nowait(2)
+    sink = RecordingSink(delay=1.0)
+    b = Batcher(sink, max_wait=1.0, max_pending=2, overflow="reject")
+    # 1 and 2 go when 3 finds no room; 3 and 4 then wait for the busy slot.
+    futs = [b.submit_nowait(i) for i in range(1, 5)]
     with pytest.raises(QueueFull, match="max_pending=2"):
-        await b.submit(3)
+        await b.submit(5)
     assert b.stats.rejected == 1
-    assert list(await asyncio.gather(f1, f2)) == [10, 20]
-    assert await b.submit(3) == 30  # room again
+    assert list(await asyncio.gather(*futs)) == [10, 20, 30, 40]
+    assert sink.batches == [[1, 2], [3, 4]]
+    assert await b.submit(5) == 50  # room again
     await b.aclose()
 
 
 async def test_submit_nowait_raises_queue_full_even_under_block() -> None:
-    b = Batcher(RecordingSink(), max_wait=1.0, max_pending=1, overflow="block")
-    f = b.submit_nowait(1)
+    b = Batcher(RecordingSink(delay=1.0), max_wait=1.0, max_pending=1, overflow="block")
+    f1 = b.submit_nowait(1)
+    f2 = b.submit_nowait(2)  # [1] goes to make room
     with pytest.raises(QueueFull):
-        b.submit_nowait(2)
+        b.submit_nowait(3)  # [2] is due, but the only slot is busy
     assert b.stats.rejected == 1
-    assert await f == 10
+    assert list(await asyncio.gather(f1, f2)) == [10, 20]
     await b.aclose()
 
 
@@ -96,21 +117,20 @@ async def test_drop_oldest_fails_the_oldest_pending_item() -> None:
 
 
 async def test_drop_oldest_across_partitions() -> None:
+    # The oldest item overall goes first, whichever batch it is in.
     sink = RecordingSink()
-    b = Batcher(
-        sink,
-        max_wait=1.0,
-        max_pending=2,
-        overflow="drop_oldest",
-        partition=lambda x: x % 2,
-    )
-    f0 = b.submit_nowait(0)  # partition 0
-    f1 = b.submit_nowait(1)  # partition 1
-    f3 = b.submit_nowait(3)  # partition 1: drops 0, the oldest overall
-    with pytest.raises(QueueFull):
-        await f0
-    assert list(await asyncio.gather(f1, f3)) == [10, 30]
+    b = Batcher(sink, max_wait=1.0, max_pending=3, overflow="drop_oldest", partition=lambda x: x[0])
+    futs = {}
+    for name in ["A1", "B1", "A2"]:
+        futs[name] = b.submit_nowait(name)
+        await asyncio.sleep(0.01)
+    futs["C1"] = b.submit_nowait("C1")
+    futs["C2"] = b.submit_nowait("C2")
+    dropped = [n for n, f in futs.items() if f.done() and isinstance(f.exception(), QueueFull)]
+    assert dropped == ["A1", "B1"]
     await b.aclose()
+    assert [futs[n].result() for n in ("A2", "C1", "C2")] == ["A2" * 10, "C1" * 10, "C2" * 10]
+    assert sorted(map(sorted, sink.batches)) == [["A2"], ["C1", "C2"]]
 
 
 async def test_drop_oldest_reclaims_withdrawn_room_before_dropping() -> None:
@@ -125,13 +145,18 @@ async def test_drop_oldest_reclaims_withdrawn_room_before_dropping() -> None:
 
 
 async def test_dedupe_partner_takes_no_room() -> None:
-    b = Batcher(RecordingSink(), max_wait=1.0, max_pending=1, overflow="reject", dedupe=True)
+    sink = RecordingSink(delay=1.0)
+    b = Batcher(sink, max_wait=1.0, max_pending=1, overflow="reject", dedupe=True)
+    busy = b.submit_nowait(0)
+    flushing = asyncio.create_task(b.flush())
+    await settle()  # [0] holds the only slot
     f1 = b.submit_nowait(5)
     f2 = b.submit_nowait(5)  # coalesced: no room needed
     with pytest.raises(QueueFull):
         b.submit_nowait(6)
-    assert list(await asyncio.gather(f1, f2)) == [50, 50]
-    assert b.stats.submitted == 2
+    assert list(await asyncio.gather(busy, f1, f2)) == [0, 50, 50]
+    await flushing
+    assert b.stats.submitted == 3
     await b.aclose()
 
 
