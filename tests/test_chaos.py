@@ -123,7 +123,7 @@ class ChaosSink:
             self.max_sends = 1
         else:
             depth = math.ceil(math.log2(max_size)) if retry.isolate and max_size > 1 else 0
-            self.max_sends = retry.attempts + depth
+            self.max_sends = int(retry.attempts) + depth
 
     async def __call__(self, items: list[Item]) -> Any:
         call = Call(len(self.calls), list(items))

@@ -34,12 +34,12 @@ async def test_max_wait_zero_takes_loads_of_tasks_started_in_the_same_iteration(
     # The DataLoader contract (aiodataloader's "loads occurring within
     # futures", graphql/dataloader's "resilient to job queue ordering").
     sink = RecordingSink()
-    b = Batcher(sink, max_size=100)
+    b: Batcher[int, int] = Batcher(sink, max_size=100)
 
     async def via_task(x: int) -> int:
         return await b.submit(x)
 
-    assert await asyncio.gather(b.submit(1), via_task(2), via_task(3)) == [10, 20, 30]
+    assert list(await asyncio.gather(b.submit(1), via_task(2), via_task(3))) == [10, 20, 30]
     assert sink.batches == [[1, 2, 3]]
     await b.aclose()
 
