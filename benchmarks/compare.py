@@ -1931,10 +1931,19 @@ def render(report: Report, out_path: Path, command: str) -> str:
     if targets:
         parts += ["", "## Targets (issue 6)", "", targets_table(targets)]
     parts.append("")
-    text = "\n".join(parts)
+    text = "\n".join(parts) + _kept_section(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(text, encoding="utf-8")
     return text
+
+
+def _kept_section(out_path: Path) -> str:
+    """The section benchmarks/redis_streams.py wrote between its markers, kept as it is."""
+    begin, end = "<!-- redis_streams.py: begin -->", "<!-- redis_streams.py: end -->"
+    old = out_path.read_text(encoding="utf-8") if out_path.exists() else ""
+    if begin not in old or end not in old:
+        return ""
+    return "\n" + begin + old.split(begin, 1)[1].split(end, 1)[0] + end + "\n"
 
 
 def _capacity(plan: Plan, batch: int) -> float:
