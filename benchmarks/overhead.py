@@ -48,6 +48,14 @@ and prints a second table: each one's median µs per item beside the plain
 batcher's, from the same interleaved runs, and the difference (the target is
 at most +0.1 µs per item).
 
+``--fire`` times fire-and-forget hand-over instead: one task calls
+``put_nowait(x)`` (no future per item), ``submit_nowait(x)`` (a future per
+item, dropped) or the floor's ``submit(x)`` for ``--tasks x --per-task`` items
+without awaiting any, then waits for delivery (``flush``; the floor's
+``aclose``). Interleaved, medians; the table gives ``put_nowait`` against
+``submit_nowait`` (difference, ratio of medians, range of the pair ratios),
+with the floor as the reference for a future per item.
+
 Every run is verified (each caller gets exactly ``2 * x`` for its own ``x``,
 and the sink saw every item exactly once); a wrong run is reported and not
 counted. Each configuration (loop x GC x shape) runs ``--repeat`` times per
@@ -62,6 +70,7 @@ Usage (from the repository root)::
     .venv/bin/python benchmarks/overhead.py --loop uvloop --gc off --repeat 11
     .venv/bin/python benchmarks/overhead.py --alloc         # memory per pending item
     .venv/bin/python benchmarks/overhead.py --integrations --loop asyncio --gc on  # metrics cost
+    .venv/bin/python benchmarks/overhead.py --fire          # put_nowait vs submit_nowait
     .venv/bin/python benchmarks/overhead.py --profile cprofile --loop asyncio
     .venv/bin/python benchmarks/overhead.py --json benchmarks/out/overhead.json
 """
@@ -258,12 +267,18 @@ async def open_system(
     if system == "asyncbatch-nowait":
         return batcher.submit_nowait, batcher.aclose
     if system in INTEGRATION_SYSTEMS:
-        return batcher.submit, _instrument(system, batcher)
+        handle = _instrument(system, batcher)
+
+        async def close() -> None:
+            await batcher.aclose()
+            handle.remove()
+
+        return batcher.submit, close
     return batcher.submit, batcher.aclose
 
 
-def _instrument(system: SystemName, batcher: Any) -> Close:
-    """Attach ``system``'s integration to ``batcher``; a close that also detaches it."""
+def _instrument(system: SystemName, batcher: Any) -> Any:
+    """Attach ``system``'s integration to ``batcher``, in a fresh registry or provider."""
     if system == "asyncbatch+prometheus":
         from prometheus_client import CollectorRegistry
 
@@ -285,12 +300,7 @@ def _instrument(system: SystemName, batcher: Any) -> Close:
             tracer_provider=tracer_provider,
         )
         assert handle.tracing == (tracer_provider is not None)
-
-    async def close() -> None:
-        await batcher.aclose()
-        handle.remove()
-
-    return close
+    return handle
 
 
 # -- the load ------------------------------------------------------------------
@@ -610,19 +620,82 @@ def timing_table(rows: Sequence[Row]) -> str:
 
 
 def integrations_table(rows: Sequence[Row]) -> str:
-    """Each integration's median µs per item beside the plain batcher's (same runs)."""
+    """Each integration's median µs per item beside the plain batcher's (same runs).
+
+    ``paired`` is the median of the differences of back-to-back runs, the
+    figure least moved by a machine whose load drifts.
+    """
     headers = ["loop", "GC", "shape", "asyncbatch (none) µs/item"]
     for system in INTEGRATION_SYSTEMS:
-        headers += [f"{system.removeprefix('asyncbatch+')} µs/item", "added"]
+        headers += [f"{system.removeprefix('asyncbatch+')} µs/item", "added (paired)"]
     body = []
     for row in rows:
         none = row.summary("asyncbatch").median
         cells = [row.loop, "on" if row.gc else "off", row.shape, _fmt(none, 3)]
         for system in INTEGRATION_SYSTEMS:
             median = row.summary(system).median
-            cells += [_fmt(median, 3), _fmt(median - none, 3, sign=True)]
+            paired = Summary.of(
+                [
+                    a.us_per_item(row.clock) - b.us_per_item(row.clock)
+                    for a, b in row.samples.pairs(system, "asyncbatch")
+                ]
+            ).median
+            added = _fmt(median - none, 3, sign=True)
+            cells += [_fmt(median, 3), f"{added} ({_fmt(paired, 3, sign=True)})"]
         body.append(cells)
     return markdown_table(headers, body, right=[False] * 3 + [True] * (len(headers) - 3))
+
+
+def hook_costs(max_size: int, rounds: int = 2000, repeat: int = 7) -> list[list[str]]:
+    """What each integration's hooks cost per batch, timed alone (CPU, best of ``repeat``).
+
+    One batch of ``max_size`` items makes one sink call: ``call_started``,
+    ``call_finished`` and ``batch_finished`` of the observer ``instrument``
+    attached, and (traces) ``capture`` for the first 128 items; the links are
+    built from contexts captured in one task with no span current. This is the
+    noise-free part of the end-to-end figure; the end-to-end one also holds
+    what the batcher does differently with an observer attached.
+    """
+    import time
+
+    from asyncbatch import Batcher, BatchReport
+    from asyncbatch._observe import MAX_LINKS, SinkCall
+
+    async def sink(items: list[int]) -> list[int]:
+        return items
+
+    report = BatchReport(max_size, 0, None, "size", 1, 0.0, 0.001, None, 0.0001, ())
+    rows = []
+    for system in INTEGRATION_SYSTEMS:
+        observer = _instrument(system, Batcher(sink, max_size=max_size, name=system))
+        capture = observer.capture
+        captures = min(max_size, MAX_LINKS) if capture is not None else 0
+
+        def one_batch(
+            observer: Any = observer, capture: Any = capture, n: int = captures, name: str = system
+        ) -> None:
+            captured = [capture() for _ in range(n)] if n else []
+            call = SinkCall(name, max_size, 1, captured, 0.0)
+            token = observer.call_started(call)
+            observer.call_finished(call, token, 0.001, None)
+            observer.batch_finished(name, report)
+
+        best = float("inf")
+        for _ in range(repeat):
+            start = time.process_time()
+            for _ in range(rounds):
+                one_batch()
+            best = min(best, (time.process_time() - start) / rounds)
+        observer.remove()
+        rows.append(
+            [
+                system.removeprefix("asyncbatch+"),
+                _fmt(best * 1e6, 2),
+                str(captures),
+                _fmt(best * 1e6 / max_size, 3),
+            ]
+        )
+    return rows
 
 
 # -- allocation mode -----------------------------------------------------------
@@ -728,6 +801,109 @@ def _run_alloc(loop_name: LoopName, system: SystemName, config: Config, trace: b
         return runner.run(measure_alloc(system, config, trace))
 
 
+# -- fire-and-forget mode --------------------------------------------------------
+
+FireSystem: TypeAlias = Literal["floor", "submit_nowait", "put_nowait"]
+FIRE_SYSTEMS: tuple[FireSystem, ...] = ("floor", "submit_nowait", "put_nowait")
+
+
+async def measure_fire(system: FireSystem, items: int, max_size: int) -> RunResult:
+    """``--fire``: one task hands over ``items`` items without awaiting any, then flushes.
+
+    Timed: the submitting loop and the delivery of every batch (``flush``; the
+    floor's ``aclose``). ``floor`` is :meth:`Floor.submit` (a future per item,
+    the least a future-returning ``submit_nowait`` costs); ``submit_nowait``
+    makes a future per item too, ``put_nowait`` none. Verified: the sink saw
+    every item once, and every item succeeded.
+    """
+    sink = CountingSink()
+    from asyncbatch import Batcher
+
+    batcher: Batcher[int, int] | None = None
+    if system == "floor":
+        floor = Floor(sink, max_size)
+        hand: Callable[[int], object] = floor.submit
+        deliver: Close = floor.aclose
+    else:
+        batcher = Batcher(sink, max_size=max_size)
+        hand = batcher.submit_nowait if system == "submit_nowait" else batcher.put_nowait
+        deliver = batcher.flush
+    watch = Stopwatch()
+    for x in range(items):
+        hand(x)
+    await deliver()
+    elapsed = watch.elapsed()
+    problem = None if sink.items == items else f"sink saw {sink.items} of {items} items"
+    if batcher is not None:
+        await batcher.aclose()
+        if batcher.stats.succeeded != items:
+            problem = problem or f"{batcher.stats.succeeded} of {items} items succeeded"
+    return RunResult(elapsed, items, sink.batches, problem)
+
+
+def fire_rows(
+    loops: Sequence[LoopName], gcs: Sequence[bool], items: int, max_size: int, args: Any
+) -> tuple[list[list[str]], list[str]]:
+    """``--fire``: the three systems interleaved, per loop and GC; medians, µs per item.
+
+    Returns the table rows and why any run was not counted.
+    """
+    rows = []
+    failures = []
+    for loop_name in loops:
+        for gc_on in gcs:
+
+            def run(system: FireSystem, loop_name: LoopName = loop_name) -> RunResult:
+                result = run_in_loop(loop_name, measure_fire(system, items, max_size))
+                if result.problem is not None:
+                    raise RuntimeError(result.problem)
+                return result
+
+            with gc_state(gc_on):
+                samples = _common.interleaved(FIRE_SYSTEMS, args.repeat, run)
+            us = {
+                s: Summary.of([r.us_per_item(args.clock) for r in samples.of(s)]).median
+                for s in FIRE_SYSTEMS
+            }
+            pairs = [
+                _common.ratio(p.us_per_item(args.clock), s.us_per_item(args.clock))
+                for p, s in samples.pairs("put_nowait", "submit_nowait")
+            ]
+            paired = Summary.of(pairs)
+            rows.append(
+                [
+                    loop_name,
+                    "on" if gc_on else "off",
+                    _fmt(us["floor"], 3),
+                    _fmt(us["submit_nowait"], 3),
+                    _fmt(us["put_nowait"], 3),
+                    _fmt(us["put_nowait"] - us["submit_nowait"], 3, sign=True),
+                    _fmt(_common.ratio(us["put_nowait"], us["submit_nowait"]), suffix="x"),
+                    f"{_fmt(paired.low)}..{_fmt(paired.high)}",
+                    "+".join(str(len(samples.of(s))) for s in FIRE_SYSTEMS),
+                ]
+            )
+            failures += [
+                f"{loop_name} GC {'on' if gc_on else 'off'} {system}: {reason}"
+                for system, reasons in samples.failures.items()
+                for reason in reasons
+            ]
+    return rows, failures
+
+
+FIRE_HEADERS = [
+    "loop",
+    "GC",
+    "floor µs/item",
+    "submit_nowait µs/item",
+    "put_nowait µs/item",
+    "put - submit",
+    "put / submit",
+    "pair ratios min..max",
+    "runs",
+]
+
+
 # -- profile mode --------------------------------------------------------------
 
 
@@ -828,6 +1004,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--alloc", action="store_true", help="memory per pending item instead of time"
     )
     mode.add_argument(
+        "--fire",
+        action="store_true",
+        help="fire-and-forget: put_nowait vs submit_nowait (and the floor) per item",
+    )
+    mode.add_argument(
         "--profile",
         choices=["cprofile", "pyinstrument"],
         help="profile one run of each system (per loop and shape) instead of timing",
@@ -908,6 +1089,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             _common.write_json(args.json, {"environment": env, "alloc": rows})
         return 0
 
+    if args.fire:
+        fire, fire_failures = fire_rows(loops, gcs, config.items, config.max_size, args)
+        print(
+            f"Fire-and-forget: one task hands over {config.items:,} items without awaiting, "
+            f"then waits for delivery; {args.clock} time.\n"
+        )
+        print(markdown_table(FIRE_HEADERS, fire, right=[False, False] + [True] * 7))
+        for failure in fire_failures:
+            print(f"NOT COUNTED: {failure}")
+        if args.json:
+            _common.write_json(args.json, {"environment": env, "fire": fire})
+        return 1 if fire_failures else 0
+
     systems = SYSTEMS + EXTRA_SYSTEMS if args.extra else SYSTEMS
     if args.integrations:
         systems += INTEGRATION_SYSTEMS
@@ -945,6 +1139,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             "added = integration - none, µs per item; target <= +0.1):\n"
         )
         print(integrations_table(results))
+        print(
+            f"\nThe hooks alone, per batch of {config.max_size} items (one sink call; CPU time, "
+            "best of 7 x 2,000 batches):\n"
+        )
+        print(
+            markdown_table(
+                ["integration", "µs per batch", "captures per batch", "µs per item"],
+                hook_costs(config.max_size),
+                right=[False, True, True, True],
+            )
+        )
     shares = [x for row in results for x in row.cpu_share()]
     if shares:
         share = Summary.of(shares)
