@@ -14,31 +14,32 @@ without an SDK every call here is a no-op.
 Metrics (meter ``asyncbatch``; attribute ``asyncbatch.batcher`` = the batcher's
 ``name`` on every point):
 
-===============================  ==================  ======  ================================
-instrument                       kind                unit    what
-===============================  ==================  ======  ================================
-``asyncbatch.items``             observable counter  {item}  items finished, attribute
-                                                             ``asyncbatch.outcome``
-                                                             (succeeded, failed, cancelled,
-                                                             expired, rejected, dropped)
-``asyncbatch.batches``           observable counter  {batch} batches, attribute
-                                                             ``asyncbatch.reason``
-``asyncbatch.pending``           observable gauge    {item}  items accepted, not dispatched
-``asyncbatch.in_flight``         observable gauge    {item}  items in sink calls now
-``asyncbatch.batch.size``        histogram           {item}  items per sink call
-``asyncbatch.sink.duration``     histogram           s       seconds per sink call
-``asyncbatch.batch.wait``        histogram           s       first item's wait for dispatch
-``asyncbatch.retries``           observable counter  {call}  sink calls made again
-``asyncbatch.concurrency.limit`` observable gauge    {call}  sink calls allowed at once
-                                                             (``0``: no limit)
-``asyncbatch.cache.hits``        observable counter  {load}  DataLoader only
-``asyncbatch.cache.misses``      observable counter  {load}  DataLoader only
-===============================  ==================  ======  ================================
+================================  ==================  =======  ====================================
+instrument                        kind                unit     what
+================================  ==================  =======  ====================================
+``asyncbatch.items``              observable counter  {item}   items finished, attribute
+                                                               ``asyncbatch.outcome`` (succeeded,
+                                                               failed, cancelled, expired,
+                                                               rejected, dropped)
+``asyncbatch.batches``            observable counter  {batch}  batches, attribute
+                                                               ``asyncbatch.reason``
+``asyncbatch.pending``            observable gauge    {item}   items accepted, not dispatched
+``asyncbatch.in_flight``          observable gauge    {item}   items in sink calls now
+``asyncbatch.batch.size``         histogram           {item}   items per sink call
+``asyncbatch.sink.duration``      histogram           s        seconds per sink call
+``asyncbatch.batch.wait``         histogram           s        first item's wait for dispatch
+``asyncbatch.retries``            observable counter  {call}   sink calls made again
+``asyncbatch.concurrency.limit``  observable gauge    {call}   sink calls allowed at once
+                                                               (``0``: no limit)
+``asyncbatch.cache.hits``         observable counter  {load}   DataLoader only
+``asyncbatch.cache.misses``       observable counter  {load}   DataLoader only
+================================  ==================  =======  ====================================
 
 Counters and gauges are read from ``stats`` when the SDK collects (observable
 instruments: callbacks, nothing on the hot path); the histograms are recorded
 once per sink call (size, duration) and once per batch (wait), with the
-bucket bounds of :mod:`asyncbatch.contrib.prometheus` given as advice.
+bucket bounds :data:`SIZE_BUCKETS`, :data:`DURATION_BUCKETS` and
+:data:`WAIT_BUCKETS` given as advice (views may override them).
 
 Traces: one span per sink call (each retry and isolation half is a call),
 named ``asyncbatch.sink <batcher name>``, with attributes
