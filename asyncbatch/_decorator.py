@@ -480,6 +480,44 @@ def _required_positionals(fn: Callable[..., Any]) -> int:
     )
 
 
+def _defined_in_class_body(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` is a function written in a class body (a method to be).
+
+    Decided by its ``__qualname__``, as Python wrote it: a function of a class
+    body is named ``Cls.m`` (``outer.<locals>.Cls.m`` for a class made in a
+    function), so the part before its name is a class name. A module-level
+    function (``f``) or one nested in a function (``outer.<locals>.f``) is
+    not; neither is anything but a plain function (a partial, a bound method,
+    a callable object: Python binds none of them as a method either).
+    Decorators that copy ``__qualname__`` (``functools.wraps``) keep the
+    answer.
+    """
+    if not inspect.isfunction(inspect.unwrap(fn)) or isinstance(fn, functools.partial):
+        return False
+    qualname = getattr(fn, "__qualname__", None)
+    if not isinstance(qualname, str):
+        return False
+    parts = qualname.split(".")
+    return len(parts) >= 2 and parts[-2] != "<locals>"
+
+
+def _signature_error(name: str, arity: int, method: bool) -> str:
+    needs = (
+        "@batch needs `async def f(items)` (one positional parameter: the list of items) "
+        "or, in a class body, a method `async def m(self, items)`"
+    )
+    if arity < 0:
+        return f"{needs}; it cannot read the signature of {name!r}"
+    if arity == 2:
+        return (
+            f"{needs}; {name!r} takes 2 positional parameters but is not defined in a class "
+            "body, so it is not a method: give the extra parameter a default, or bind it "
+            "first (functools.partial), so that only the list of items is left"
+        )
+    where = "method" if method else "function"
+    return f"{needs}; the {where} {name!r} takes {arity}"
+
+
 def _is_async(fn: Callable[..., Any]) -> bool:
     fn = inspect.unwrap(fn)
     # A function, a partial of one, or an object with ``async def __call__``.
@@ -548,6 +586,15 @@ class _BatchDecorator:
             raise TypeError(
                 f"@batch needs an async function (async def), got {name!r}; its batches are awaited"
             )
+        if isinstance(fn, classmethod):
+            raise TypeError(
+                f"@batch cannot wrap the classmethod object {name!r}; put @classmethod "
+                "above @batch (`@classmethod` then `@batch(...)` then `async def m(cls, items)`)"
+            )
+        arity = _required_positionals(fn)
+        method = _defined_in_class_body(fn)
+        if not (arity == 1 or (arity == 2 and method)):
+            raise TypeError(_signature_error(name, arity, method))
         options = self._options
         if options.get("name") is None:
             options = {**options, "name": name}
@@ -555,17 +602,9 @@ class _BatchDecorator:
         # call: the batcher binds to a loop only on first use, so this one is
         # simply dropped.
         Batcher(fn, **options)
-        arity = _required_positionals(fn)
         if arity == 1:
             return BatchedFunction(fn, options)
-        if arity == 2:
-            return BatchedMethod(fn, options)
-        raise TypeError(
-            f"@batch needs an async function of one positional parameter (the list of "
-            f"items), or a method of two (self, items); {name!r} takes {arity}"
-            if arity >= 0
-            else f"@batch cannot read the signature of {name!r}"
-        )
+        return BatchedMethod(fn, options)
 
 
 def batch(**options: Unpack[BatchOptions]) -> _BatchDecorator:
@@ -601,9 +640,18 @@ def batch(**options: Unpack[BatchOptions]) -> _BatchDecorator:
     - The types are kept: ``async def f(items: list[T]) -> list[R]`` becomes a
       callable ``(item: T) -> Coroutine[Any, Any, R]``.
 
+    A function is a method only when it is written in a class body (its
+    ``__qualname__`` is ``Cls.m``): ``async def f(items, scale)`` at module
+    level, or a partial or callable object of two parameters, is refused.
+    An ``async def f(items)`` in a class body is a function that does not
+    bind, like a ``staticmethod``. For a per-class batcher put ``@classmethod``
+    above ``@batch``.
+
     Raises:
-        TypeError: at decoration, for a function that is not ``async`` or does
-            not take one list of items (after ``self`` for a method).
+        TypeError: at decoration, for a function that is not ``async``, that
+            does not take one list of items (after ``self`` for a method
+            written in a class body), or a ``classmethod`` object; the
+            message says the signature ``@batch`` needs.
         ValueError: at decoration, for an invalid option (the batcher's own
             validation message).
     """
