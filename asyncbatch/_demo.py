@@ -15,6 +15,9 @@ It runs the same load twice against the same backend:
 2. *unbatched*: every request is its own backend call, with the same clients
    and the same backend capacity.
 
+Every duration on the command line is in seconds, like every duration of the
+API (``--max-wait 0.005`` is 5 ms; ``20e-6`` is accepted for 20 µs).
+
 A phase ends when ``--requests`` requests were answered or ``--duration``
 seconds passed, whichever comes first (without either: 5 seconds). At the
 deadline the requests still waiting are cancelled and not counted. The summary
@@ -64,7 +67,7 @@ DEFAULT_DURATION = 5.0
 
 @dataclass(frozen=True, slots=True)
 class DemoConfig:
-    """One demo run. Times are in seconds (the command line takes ms and µs)."""
+    """One demo run. Every time is in seconds, as on the command line."""
 
     requests: int | None = None
     duration: float | None = DEFAULT_DURATION
@@ -587,6 +590,8 @@ def _number(kind: Callable[[str], float], low: float, strict: bool) -> Callable[
         if value < low or (strict and value == low) or math.isnan(value):
             sign = ">" if strict else ">="
             raise argparse.ArgumentTypeError(f"must be {sign} {low:g}, got {text}")
+        if math.isinf(value):
+            raise argparse.ArgumentTypeError(f"must be finite, got {text}")
         return value
 
     return parse
@@ -625,16 +630,16 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     add(
         "--sink-latency",
         type=_non_negative,
-        default=20.0,
-        metavar="MS",
-        help="backend round trip per call, in ms (default: %(default)g)",
+        default=0.020,
+        metavar="SECONDS",
+        help="backend round trip per call, in seconds (default: %(default)g = 20 ms)",
     )
     add(
         "--per-item-cost",
         type=_non_negative,
-        default=20.0,
-        metavar="US",
-        help="backend work per item, in µs (default: %(default)g)",
+        default=20e-6,
+        metavar="SECONDS",
+        help="backend work per item, in seconds (default: %(default)g = 20 µs)",
     )
     add(
         "--max-size",
@@ -646,9 +651,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     add(
         "--max-wait",
         type=_non_negative,
-        default=5.0,
-        metavar="MS",
-        help="Batcher max_wait, in ms (default: %(default)g)",
+        default=0.005,
+        metavar="SECONDS",
+        help="Batcher max_wait, in seconds like every duration of the API"
+        " (default: %(default)g = 5 ms)",
     )
     add(
         "--max-concurrency",
@@ -681,10 +687,10 @@ def _config(args: argparse.Namespace) -> DemoConfig:
         requests=args.requests,
         duration=duration,
         concurrency=int(args.concurrency),
-        sink_latency=args.sink_latency / 1e3,
-        per_item_cost=args.per_item_cost / 1e6,
+        sink_latency=args.sink_latency,
+        per_item_cost=args.per_item_cost,
         max_size=int(args.max_size),
-        max_wait=args.max_wait / 1e3,
+        max_wait=args.max_wait,
         max_concurrency=int(args.max_concurrency),
         live=args.live,
     )

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import asyncbatch
 from asyncbatch import _demo
 from asyncbatch.__main__ import main
 from asyncbatch._demo import DemoConfig, run_demo
@@ -29,11 +30,11 @@ TINY = [
     "--concurrency",
     "50",
     "--sink-latency",
-    "2",
+    "0.002",
     "--per-item-cost",
-    "1",
+    "1e-6",
     "--max-wait",
-    "1",
+    "0.001",
     "--max-size",
     "32",
 ]
@@ -112,6 +113,8 @@ def test_demo_without_uvloop_says_so(
         (["--sink-latency", "-1"], "must be >= 0, got -1"),
         (["--duration", "0"], "must be > 0, got 0"),
         (["--max-wait", "nan"], "must be >= 0, got nan"),
+        (["--max-wait", "inf"], "must be finite, got inf"),
+        (["--sink-latency", "1ms"], "expected a number, got '1ms'"),
         (["--loop", "trio"], "invalid choice"),
     ],
 )
@@ -124,11 +127,34 @@ def test_demo_rejects_bad_options(
     assert message in capsys.readouterr().err
 
 
-def test_a_command_is_required(capsys: pytest.CaptureFixture[str]) -> None:
+def test_no_command_prints_the_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("usage: asyncbatch [-h] [--version] {demo} ...\n")
+    assert "demo      simulate a slow backend" in captured.out
+    assert "Durations are in seconds everywhere." in captured.out
+    assert captured.err == ""
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc_info:
-        main([])
-    assert exc_info.value.code == 2
-    assert "{demo}" in capsys.readouterr().err
+        main(["--version"])
+    assert exc_info.value.code == 0
+    assert capsys.readouterr().out == f"asyncbatch {asyncbatch.__version__}\n"
+
+
+def test_every_duration_option_is_in_seconds(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--max-wait", "0.002", "--sink-latency", "0.05", "--per-item-cost", "20e-6"]
+    config = _demo._config(_demo.build_parser().parse_args(args))
+    assert (config.max_wait, config.sink_latency, config.per_item_cost) == (0.002, 0.05, 20e-6)
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for option in ("--duration", "--sink-latency", "--per-item-cost", "--max-wait"):
+        assert f"{option} SECONDS" in help_text
+    assert "in ms" not in help_text
+    assert "Batcher max_wait, in seconds like every duration of the API" in help_text
+    assert "(default: 0.005 = 5 ms)" in help_text
 
 
 def test_config_needs_a_budget() -> None:
