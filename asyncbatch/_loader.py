@@ -29,6 +29,7 @@ system call per call on Python 3.11).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import inspect
 import threading
@@ -44,7 +45,7 @@ from collections.abc import (
 from typing import Any, Generic, Literal, Self, TypeAlias, TypedDict, TypeVar, Unpack, overload
 
 from ._batcher import Batcher
-from ._exceptions import ResultMismatch
+from ._exceptions import BatcherClosed, ResultMismatch
 from ._observe import Observer
 from ._results import describe
 from ._retry import Retry
@@ -72,7 +73,7 @@ class LoaderOptions(TypedDict, total=False):
     interval: float | None
     max_weight: float | None
     weigh: Callable[[Any], float] | None
-    max_concurrency: int
+    max_concurrency: int | None
     max_pending: int | None
     overflow: Literal["block", "reject", "drop_oldest"]
     partition: Callable[[Any], Hashable] | None
@@ -286,6 +287,17 @@ class DataLoader(Generic[K, V]):
     ``max_size=max_batch_size``): every Batcher option can be passed through,
     e.g. ``max_concurrency``, ``timeout``, ``retry``, ``partition``.
 
+    **Recursive loads.** A batch function may ``load()`` from its own loader
+    (a tree of keys, a factorial): the nested keys go into a later batch,
+    which is dispatched while the outer call still runs. That needs a free
+    dispatch slot, so the loader has no concurrency limit by default
+    (``max_concurrency=None``, like every other DataLoader); with a limit,
+    keep it above the recursion depth, or the nested batch waits for a slot
+    its own parent holds.
+
+    Keys are any hashable value, ``None`` included (many DataLoaders refuse
+    ``None``; here it is a key like any other).
+
     Args:
         batch_load_fn: ``async def fn(keys: list[K])`` returning either a
             sequence with one value per key, in key order, or a mapping from
@@ -294,7 +306,8 @@ class DataLoader(Generic[K, V]):
             of the call. A key missing from a mapping fails with
             ``ResultMismatch`` naming it; a sequence of the wrong length, or
             ``None``, fails every key with ``ResultMismatch``.
-        max_batch_size: keys per call of ``batch_load_fn`` (``>= 1``).
+        max_batch_size: keys per call of ``batch_load_fn``, an ``int >= 1``
+            (``1000.0`` is a ``TypeError``, where some DataLoaders take floats).
         max_wait: seconds the first key of a batch waits for others. ``0`` (the
             default) dispatches at the end of the current loop iteration, so
             every load issued before the loop goes idle shares the call.
@@ -309,12 +322,17 @@ class DataLoader(Generic[K, V]):
         **batcher_options: passed to the :class:`Batcher`; see
             :class:`LoaderOptions`. ``name`` defaults to the batch function's
             qualified name, used in ``repr`` and error messages.
+            ``max_concurrency`` (calls of ``batch_load_fn`` running at once)
+            defaults to ``None``: no limit.
 
     Raises:
-        TypeError: ``batch_load_fn`` or ``cache_key`` is not callable,
-            ``cache_map`` is not a mutable mapping, or ``batcher_options``
-            names an option the loader sets itself.
-        ValueError: a bad ``max_batch_size``, ``max_wait`` or Batcher option.
+        TypeError: ``batch_load_fn`` is not callable or is a plain (not
+            ``async``) function, ``cache_key`` is not callable, ``cache_map``
+            is not a mutable mapping, ``batcher_options`` names an option the
+            loader sets itself, or a count (``max_batch_size``,
+            ``max_concurrency``, ``max_pending``) is not an ``int``.
+        ValueError: a bad ``max_batch_size``, ``max_wait`` or Batcher option
+            (out of range, or not finite where a number is needed).
     """
 
     def __init__(
@@ -352,7 +370,11 @@ class DataLoader(Generic[K, V]):
         name = batcher_options.get("name") or str(
             getattr(batch_load_fn, "__qualname__", None) or repr(batch_load_fn)
         )
+        _check_async(batch_load_fn, name)
         batcher_options["name"] = name
+        # No limit by default: a batch function that loads from its own loader
+        # needs a free slot for the nested batch while it holds its own.
+        batcher_options.setdefault("max_concurrency", None)
         self._batcher: Batcher[K, V] = Batcher(
             _checked(batch_load_fn, name),
             max_size=max_batch_size,
@@ -371,6 +393,13 @@ class DataLoader(Generic[K, V]):
         # loop is running" (then it is the running loop); see _check_loop.
         self._thread: int | None = None
         self._running: Callable[[], bool] = _not_running
+        # Plain counters, read by ``stats``: loads answered without sending a
+        # key (hits), loads that sent one (misses), and batcher slots that
+        # prime() answered before dispatch (the batcher never resolves those).
+        self._hits = 0
+        self._misses = 0
+        self._primed_ok = 0
+        self._primed_failed = 0
 
     # ----------------------------------------------------------------- loading
 
@@ -388,11 +417,14 @@ class DataLoader(Generic[K, V]):
         ``cancel=True``). Failed loads are not cached: the next load asks
         again.
 
-        Raises (at once): ``RuntimeError`` with no running loop, or when the
-        loader is bound to another loop that is still open; ``BatcherClosed``
-        after :meth:`aclose` for a key that is not cached; ``QueueFull`` when
-        a ``max_pending`` bound is reached; ``TypeError`` for an unhashable
-        key without ``cache_key``.
+        Raises (at once, before anything changes): ``RuntimeError`` with no
+        running loop (called from another thread, or outside a coroutine), or
+        when the loader is bound to another loop that is still open;
+        ``BatcherClosed`` after :meth:`aclose` for a key that is not cached;
+        ``QueueFull`` when a ``max_pending`` bound is reached; ``TypeError``
+        for an unhashable key without ``cache_key``. Each names the loader.
+
+        ``None`` is a key like any other.
 
         Cancellation: cancelling the returned future (or the task awaiting
         it) affects only this caller. If every caller of a key cancels before
@@ -406,9 +438,12 @@ class DataLoader(Generic[K, V]):
         if cache is None:
             # Not shared with anyone (equal keys of one batch share the Batcher's
             # slot, each with its own future): the key's future is the caller's.
+            if self._batcher.closed:
+                raise self._closed_error()
             kf = self._new_key(ck)
             kf.live = 1
             self._batcher._put_key(key, ck, kf)
+            self._misses += 1
             return kf
         try:
             fut = cache.get(ck)
@@ -416,6 +451,7 @@ class DataLoader(Generic[K, V]):
             raise _unhashable(key) from None
         if fut is not None:
             if fut.done():
+                self._hits += 1
                 return fut
             if type(fut) is _Key and fut.loader is self:
                 waiter = _Waiter(loop=self._loop)
@@ -425,8 +461,11 @@ class DataLoader(Generic[K, V]):
                 else:
                     fut.waiters.append(waiter)
                 fut.live += 1
+                self._hits += 1
                 return waiter
             # else: a pending future someone else put in the cache; replace it
+        if self._batcher.closed:
+            raise self._closed_error()
         waiter = _Waiter(loop=self._loop)
         kf = self._new_key(ck)
         kf.waiters = [waiter]
@@ -438,6 +477,7 @@ class DataLoader(Generic[K, V]):
         except BaseException:
             kf.cancel()  # uncached
             raise
+        self._misses += 1
         return waiter
 
     @overload
@@ -462,8 +502,10 @@ class DataLoader(Generic[K, V]):
         raised once every key is resolved; with ``True`` failures are
         returned in place of values. Cancelling it cancels its interest in
         every key (keys nobody else waits for are withdrawn, as with
-        :meth:`load`). Raises at once like :meth:`load`; then none of its
-        keys is loaded for it.
+        :meth:`load`). Raises at once like :meth:`load`, with the same loop,
+        thread and state checks made before anything changes; then none of
+        its keys is loaded for it. In ``stats`` each key of ``keys`` counts
+        as one load (a repeated key joins the first: a cache hit).
         """
         if self._thread != _get_ident() or not self._running():
             self._check_loop()
@@ -477,6 +519,8 @@ class DataLoader(Generic[K, V]):
             futs: dict[Any, Any] = dict.fromkeys(cks)
         except TypeError:
             raise _unhashable(_first_unhashable(keys, cks)) from None
+        if self._batcher.closed and not self._all_answerable(futs):
+            raise self._closed_error()
         # The key object to load for each cache key: the first one seen.
         firsts = (
             None if cache_key is None else dict(zip(reversed(cks), reversed(keys), strict=True))
@@ -530,10 +574,28 @@ class DataLoader(Generic[K, V]):
             # Withdraws every key this call alone wanted, submitted or not.
             gather.cancel()
             raise
+        self._misses += len(new_futs)
+        self._hits += len(cks) - len(new_futs)
         gather._remaining += len(joined)
         if gather._remaining == 0 and not gather.done():
             gather.finish()
         return gather
+
+    def _all_answerable(self, cks: Iterable[Hashable]) -> bool:
+        """Whether every key is cached or loading already (no new batcher slot)."""
+        cache = self._cache
+        if cache is None:
+            return False
+        for ck in cks:
+            fut = cache.get(ck)
+            if fut is None or not (fut.done() or (type(fut) is _Key and fut.loader is self)):
+                return False
+        return True
+
+    def _closed_error(self) -> BatcherClosed:
+        return BatcherClosed(
+            f"{self!r} is closed; keys that are not cached cannot be loaded after aclose()"
+        )
 
     def _new_key(self, ck: Hashable) -> _Key:
         kf = _Key(loop=self._loop)
@@ -563,7 +625,14 @@ class DataLoader(Generic[K, V]):
 
     def _check_loop(self) -> None:
         """The slow path of the per-call loop check: bind, rebind or refuse."""
-        loop = asyncio.get_running_loop()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                f"{self!r} needs a running event loop: no running event loop in this "
+                "thread. Call it from a coroutine or callback on the loader's loop (from "
+                "another thread, submit a coroutine with asyncio.run_coroutine_threadsafe)"
+            ) from None
         if loop is not self._loop:
             self._bind(loop)
         self._thread = _get_ident()
@@ -585,48 +654,141 @@ class DataLoader(Generic[K, V]):
 
     # ------------------------------------------------------------------- cache
 
-    def prime(self, key: K, value: V | Exception) -> Self:
-        """Put ``value`` in the cache for ``key``, unless the key is already there.
+    def prime(self, key: K, value: V | Exception, force: bool = False) -> Self:
+        """Give ``key`` the value ``value`` without calling the batch function.
 
-        An ``Exception`` instance is cached as that key's failure (loads of
-        it raise it until it is cleared). To replace a cached value, clear
-        first: ``loader.clear(key).prime(key, value)``. Does nothing with
-        ``cache=False``. Needs the running loop (it makes a future).
+        - Loads of ``key`` waiting in a batch that is not dispatched yet are
+          answered with ``value`` now, and the key leaves that batch (a batch
+          whose keys are all primed is never sent). This holds with
+          ``cache=False`` too, and whatever ``force`` says.
+        - The cache (``cache=True``) gets ``value`` for ``key`` if it holds
+          nothing for it; with ``force=True`` a cached value, or a load
+          already dispatched, is replaced: later loads get ``value``. Callers
+          already waiting for a dispatched load still get that load's result.
+        - An ``Exception`` instance is ``key``'s failure: waiting loads raise
+          it, and with ``cache=True`` later loads raise it until the key is
+          cleared (a failure the batch function returns is never cached; a
+          primed one is). It is not reported as "never retrieved".
+
+        Same as strawberry's ``prime``. Returns the loader, for chaining.
+
+        Raises:
+            RuntimeError: no running event loop in this thread, or the
+                loader is bound to another loop that is still open (it makes
+                futures of the loader's loop).
+            TypeError: ``key`` (or its ``cache_key``) is unhashable.
+
+        Cancellation: not a coroutine; nothing to cancel.
         """
-        cache = self._cache
-        if cache is None:
-            return self
+        return self.prime_many(((key, value),), force=force)
+
+    def prime_many(
+        self,
+        values: Mapping[K, V | Exception] | Iterable[tuple[K, V | Exception]],
+        force: bool = False,
+    ) -> Self:
+        """:meth:`prime` for each ``(key, value)`` of a mapping or of pairs, in order.
+
+        Every key is checked (hashable) before anything changes; a key given
+        twice is primed twice, in order (without ``force`` the first value
+        stays cached). Raises like :meth:`prime`. Returns the loader.
+        """
         self._check_loop()
+        pairs = values.items() if isinstance(values, Mapping) else values
+        cache_key = self._cache_key
+        primed: list[tuple[Hashable, V | Exception]] = []
+        for key, value in pairs:
+            ck = key if cache_key is None else cache_key(key)
+            try:
+                hash(ck)
+            except TypeError:
+                raise _unhashable(key) from None
+            primed.append((ck, value))
         loop = self._loop
         assert loop is not None
-        ck = key if self._cache_key is None else self._cache_key(key)
-        if ck in cache:
-            return self
-        fut: asyncio.Future[V] = loop.create_future()
-        if isinstance(value, Exception):
-            fut.set_exception(value)
-            fut.exception()  # nobody may ever load it: do not log it as unretrieved
-        else:
-            fut.set_result(value)
-        cache[ck] = fut
+        cache = self._cache
+        for ck, value in primed:
+            self._answer_pending(ck, value)
+            if cache is None:
+                continue
+            if force or cache.get(ck) is None:
+                fut: asyncio.Future[V] = loop.create_future()
+                if isinstance(value, Exception):
+                    fut.set_exception(value)
+                    fut.exception()  # nobody may ever load it: not "never retrieved"
+                else:
+                    fut.set_result(value)
+                cache[ck] = fut
         return self
+
+    def _answer_pending(self, ck: Hashable, value: V | Exception) -> None:
+        """Resolve the loads of ``ck`` waiting in undispatched batches with ``value``.
+
+        The Batcher's undispatched batches (usually one: the open batch) are
+        looked up by cache key, which is the Batcher's ``key``. A resolved
+        future is dropped from its batch when the batch is dispatched, like
+        a withdrawn one; the Batcher does not count it, so ``stats`` adds it
+        to ``succeeded`` or ``failed``. A ``_Key`` resolves its own callers.
+        """
+        batcher = self._batcher
+        if batcher._loop is not self._loop:
+            return  # its batches (if any) belong to a loop that is gone
+        for batch in list(batcher._waiting):
+            index = batch.index
+            slot = None if not index else index.get(ck)
+            if slot is None:
+                continue
+            futs = [batch.futs[slot]]
+            if batch.extra:
+                futs += batch.extra.get(slot, ())
+            for fut in futs:
+                if fut.done():
+                    continue
+                if isinstance(value, Exception):
+                    fut.set_exception(value)
+                    self._primed_failed += 1
+                else:
+                    fut.set_result(value)
+                    self._primed_ok += 1
 
     def clear(self, key: K) -> Self:
         """Drop ``key`` from the cache; the next load asks the batch function.
 
-        Callers already waiting for the key still get the result of the load
-        in progress. Returns the loader, for chaining.
+        Only the cache entry goes: loads already waiting for ``key`` still get
+        the result of the load in progress (use :meth:`prime` to answer them
+        with a value of your own). Does nothing with ``cache=False`` or for a
+        key not cached. Needs no event loop, but while the loader's loop runs
+        it must be called from that loop's thread. Returns the loader, for
+        chaining.
+
+        Raises:
+            RuntimeError: called from another thread while the loader's loop
+                runs (the cache is not thread-safe).
         """
         cache = self._cache
         if cache is not None:
+            self._check_thread()
             cache.pop(key if self._cache_key is None else self._cache_key(key), None)
         return self
 
     def clear_all(self) -> Self:
-        """Empty the cache (loads in progress still resolve their callers)."""
+        """Empty the cache; loads in progress still resolve their callers.
+
+        Like :meth:`clear` for every key, with the same thread rule. Returns
+        the loader.
+        """
         if self._cache is not None:
+            self._check_thread()
             self._cache.clear()
         return self
+
+    def _check_thread(self) -> None:
+        loop = self._loop
+        if loop is not None and loop.is_running() and self._thread != _get_ident():
+            raise RuntimeError(
+                f"{self!r} belongs to an event loop running in another thread; "
+                "change its cache from that loop's thread"
+            )
 
     # --------------------------------------------------------------- lifecycle
 
@@ -637,12 +799,25 @@ class DataLoader(Generic[K, V]):
 
     @property
     def stats(self) -> BatcherStats:
-        """The underlying Batcher's counters.
+        """A snapshot of the loader's counters (a :class:`BatcherStats`).
 
-        They count keys sent to the Batcher, not loads: a load served from
-        the cache, or waiting for a key already loading, is not in them.
+        ``cache_hits`` counts loads answered without sending their key to the
+        batch function: from the cache, or by joining a key already loading
+        (also a key repeated within one ``load_many``). ``cache_misses``
+        counts loads that sent their key (with ``cache=False``, every
+        :meth:`load`). Each key of a ``load_many`` is one load. The other
+        fields are the underlying Batcher's and count keys sent to it, not
+        loads; a key answered by :meth:`prime` before its batch was
+        dispatched counts as ``succeeded`` (or ``failed`` for an exception).
         """
-        return self._batcher.stats
+        stats = self._batcher.stats
+        return dataclasses.replace(
+            stats,
+            succeeded=stats.succeeded + self._primed_ok,
+            failed=stats.failed + self._primed_failed,
+            cache_hits=self._hits,
+            cache_misses=self._misses,
+        )
 
     @property
     def closed(self) -> bool:
@@ -679,6 +854,27 @@ class DataLoader(Generic[K, V]):
         stats = self._batcher.stats
         loading = stats.pending + stats.in_flight  # keys: one Batcher slot each
         return f"<DataLoader {self._name!r} [{state}] cached={cached} loading={loading}>"
+
+
+def _check_async(fn: object, name: str) -> None:
+    """Refuse a batch function that is plainly not async, at construction.
+
+    A plain function or method (``def``, a lambda, a partial of one) would
+    only fail once called. Other callables (objects with ``__call__``) are
+    checked when called: see :func:`_checked`.
+    """
+    inner: Any = fn
+    while isinstance(inner, functools.partial):
+        inner = inner.func
+    inner = inspect.unwrap(inner)
+    if (inspect.isfunction(inner) or inspect.ismethod(inner)) and not (
+        inspect.iscoroutinefunction(inner)
+    ):
+        raise TypeError(
+            f"batch function {name!r} of a DataLoader must be async (`async def "
+            "load(keys): ...`, returning a sequence or mapping of values), but it is "
+            "a plain function"
+        )
 
 
 def _checked(fn: BatchLoadFn[K, V], name: str) -> BatchLoadFn[K, V]:

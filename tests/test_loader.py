@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import weakref
 from collections import OrderedDict
@@ -245,13 +246,32 @@ async def test_prime_with_an_exception_caches_that_failure() -> None:
     assert await loader.load(1) == "v1"
 
 
-async def test_prime_while_loading_leaves_the_load_alone() -> None:
+async def test_prime_answers_a_load_waiting_in_the_open_batch() -> None:
     rec = Recorder()
     loader: DataLoader[int, str] = DataLoader(rec)
     pending = loader.load(1)
     loader.prime(1, "primed")
-    assert await pending == "v1"
-    assert await loader.load(1) == "v1"
+    assert await pending == "primed"
+    assert await loader.load(1) == "primed"
+    assert rec.calls == []  # its only key was primed: the batch was never sent
+
+
+async def test_prime_leaves_a_dispatched_load_alone_unless_forced() -> None:
+    rec = Recorder()
+    rec.gate = asyncio.Event()
+    loader: DataLoader[int, str] = DataLoader(rec)
+    pending = loader.load(1)
+    await spin()  # dispatched: the batch function is running
+    loader.prime(1, "primed")
+    assert loader.load(1) is not pending  # the load in progress, joined
+    loader.prime(1, "forced", force=True)
+    later = loader.load(1)
+    assert later.done()
+    rec.gate.set()
+    assert await pending == "v1"  # its callers keep the load's own result
+    assert await later == "forced"
+    assert await loader.load(1) == "forced"
+    assert rec.calls == [[1]]
 
 
 async def test_cache_false_loads_every_time_but_coalesces_one_batch() -> None:
@@ -404,7 +424,22 @@ async def test_sync_batch_function_is_a_clear_type_error() -> None:
     def not_async(keys: list[int]) -> list[int]:
         return keys
 
-    loader: DataLoader[int, int] = DataLoader(not_async)  # type: ignore[arg-type]
+    # A plain function is refused at construction, a partial of one too.
+    for fn in (not_async, functools.partial(not_async)):
+        with pytest.raises(
+            TypeError,
+            match=r"batch function '.*not_async.*' of a DataLoader must be async .* "
+            r"but it is a plain function",
+        ):
+            DataLoader(fn)  # type: ignore[arg-type]
+
+    class NotAsync:
+        """A callable object: told apart only when it answers."""
+
+        def __call__(self, keys: list[int]) -> list[int]:
+            return keys
+
+    loader: DataLoader[int, int] = DataLoader(NotAsync())  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"must be async .* but it returned list"):
         await loader.load(1)
 
@@ -522,14 +557,21 @@ async def test_load_many_with_an_unhashable_cache_key_is_a_clear_type_error() ->
 
 async def test_load_many_refused_midway_withdraws_the_keys_it_submitted() -> None:
     rec = Recorder()
-    loader: DataLoader[int, str] = DataLoader(rec, max_pending=2, overflow="reject")
+    rec.gate = asyncio.Event()
+    loader: DataLoader[int, str] = DataLoader(
+        rec, max_pending=2, overflow="reject", max_concurrency=1
+    )
+    busy = loader.load(0)
+    await spin()  # [0] holds the only slot: the next keys stay pending
     with pytest.raises(QueueFull):
         loader.load_many([1, 2, 3])
+    rec.gate.set()
+    assert await busy == "v0"
     await spin()
-    assert rec.calls == []  # 1 and 2 were withdrawn
-    assert repr(loader).endswith("cached=0 loading=0>")
+    assert rec.calls == [[0]]  # 1 and 2 were withdrawn
+    assert repr(loader).endswith("cached=1 loading=0>")
     assert await loader.load_many([1, 2]) == ["v1", "v2"]
-    assert rec.calls == [[1, 2]]
+    assert rec.calls == [[0], [1, 2]]
 
 
 async def test_load_many_with_partitions() -> None:
@@ -998,7 +1040,7 @@ async def test_async_with_after_first_use() -> None:
 
 def test_load_needs_a_running_loop() -> None:
     loader: DataLoader[int, str] = DataLoader(Recorder())
-    with pytest.raises(RuntimeError, match="no running event loop"):
+    with pytest.raises(RuntimeError, match=r"<DataLoader .*> needs a running event loop"):
         loader.load(1)
     loader.clear(1).clear_all()  # no loop needed
 
