@@ -56,11 +56,12 @@ runs once untimed at the smallest ``n``, then ``--repeat`` rounds (default
 order, so drift in the machine's load is spread over all of them. The table
 shows the median µs per item of the rounds. Every run checks its outcome
 (``stats`` counters, results) and a wrong run fails the script. A run at the
-size that takes longer than ``--slow`` seconds (20) is not repeated (the path
+size that takes longer than ``--slow`` seconds (60) is not repeated (the path
 is plainly not flat; its median is then of fewer runs, shown in the ``runs``
-column). In the first round, a path already above the bar between the two
-sizes before ``n`` is not run at ``n`` if, its cost per item growing with
-``n``, that run would take longer than ``--budget`` seconds (120): the cell
+column). In the first round, a path whose CPU time per item already grew
+more than 3x between the two sizes before ``n`` is not run at ``n`` if, its
+cost per item growing with ``n``, that run would take longer than
+``--budget`` seconds (120): the cell
 says "skipped" with that projection, the ratio is taken at the largest size
 run, and the path counts as above the bar.
 
@@ -70,10 +71,11 @@ argument.
 
 Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/scaling.py                    # full run, a few minutes
+    .venv/bin/python benchmarks/scaling.py                    # full run, ~20 min
     .venv/bin/python benchmarks/scaling.py --quick            # smoke test, seconds
     .venv/bin/python benchmarks/scaling.py --paths cancel_pending,retryable --repeat 9
-    .venv/bin/python benchmarks/scaling.py --sizes 1000,10000,100000 --json out/scaling.json
+    .venv/bin/python benchmarks/scaling.py --json benchmarks/out/scaling.json \\
+        --results benchmarks/RESULTS.md                       # the section in RESULTS.md
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path as FilePath
 from typing import Any, Literal, TypeAlias
 
 import _common
@@ -695,16 +698,18 @@ def _rounds(
 def _projected_seconds(result: Result, n: int, max_ratio: float) -> float:
     """How long a run at ``n`` would take if the path goes on growing (round 1 only).
 
-    Only for a path already above the bar between the two sizes before ``n``:
-    its cost per item is taken to grow in proportion to ``n`` (O(n) per item),
-    from the last size measured. Otherwise 0 (run it).
+    Only for a path whose CPU time per item already grew more than 3x (and
+    more than the bar) between the two sizes before ``n``, in this round: its
+    cost per item is taken to grow in proportion to ``n`` (O(n) per item), from
+    the last size measured. Otherwise 0 (run it).
     """
     done = [m for m in result.sizes if m < n and result.samples[m]]
     if len(done) < 2:
         return 0.0
     a, b = done[-2], done[-1]
-    ca, cb = result.samples[a][-1]["wall"], result.samples[b][-1]["wall"]
-    if not cb / ca > max_ratio:
+    # CPU time: on a busy machine one wall-clock sample can easily be 2x off.
+    ca, cb = result.samples[a][-1]["cpu"], result.samples[b][-1]["cpu"]
+    if not cb / ca > max(3.0, max_ratio):
         return 0.0
     return cb * (n / b) * n
 
@@ -751,6 +756,28 @@ def _loadavg() -> str:
         return " ".join(f"{x:.1f}" for x in os.getloadavg())
     except OSError:
         return "n/a"
+
+
+BEGIN = "<!-- scaling.py: begin -->"
+END = "<!-- scaling.py: end -->"
+TITLE = "## Per-item cost at scale (benchmarks/scaling.py)"
+
+
+def write_section(path: str, report: str) -> None:
+    """Put ``report`` under :data:`TITLE` between the markers in ``path``.
+
+    It replaces the previous section between those markers, or is appended.
+    ``compare.py`` keeps this section when it regenerates ``RESULTS.md``.
+    """
+    section = "\n".join([BEGIN, TITLE, "", report, "", END, ""])
+    file = FilePath(path)
+    text = file.read_text(encoding="utf-8") if file.exists() else ""
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + section + rest.split(END, 1)[1].lstrip("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    file.write_text(text, encoding="utf-8")
 
 
 def git_commit() -> str:
@@ -802,20 +829,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--slow",
         type=float,
-        default=20.0,
+        default=60.0,
         help="a run longer than this many seconds is not repeated at that size",
     )
     p.add_argument(
         "--budget",
         type=float,
         default=120.0,
-        help="in round 1, a size is skipped if a path already above the bar would take "
-        "longer than this many seconds there (its cost per item taken to grow with n)",
+        help="in round 1, a size is skipped if a path already growing > 3x per size step "
+        "would take longer than this many seconds there (its cost per item taken to grow "
+        "with n)",
     )
     p.add_argument(
         "--quick", action="store_true", help=f"sizes {QUICK_SIZES}, 1 round: a smoke test"
     )
     p.add_argument("--json", metavar="PATH", help="also write every sample to this JSON file")
+    p.add_argument(
+        "--results",
+        metavar="PATH",
+        help="also put the report in this markdown file (benchmarks/RESULTS.md), in place "
+        "of its previous section between the scaling.py markers (or appended)",
+    )
     args = p.parse_args(argv)
     if args.paths == "all":
         args.path_list = list(PATHS)
@@ -866,30 +900,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"WRONG RUN: {exc}", file=sys.stderr)
         return 2
     minutes = (time.perf_counter() - started) / 60
-    print(
-        f"`{command}` on {env['time']}, asyncbatch at {commit}; {minutes:.1f} min. "
-        f"Python {env['python']} on {env['platform']}, {env['cpus']} CPUs (shared); "
-        f"asyncio loop; GC {args.gc} in the measured window; median of {args.repeat} "
-        f"interleaved rounds (after one warm-up run per path); "
-        + (
-            "wall clock (`time.perf_counter`)"
-            if args.clock == "wall"
-            else "process CPU time (`time.process_time`)"
-        )
-        + f" around the measured part only. Load average (1, 5, 15 min) {load_start} at "
-        f"the start, {_loadavg()} at the end.\n"
+    timer = (
+        "wall clock (`time.perf_counter`)"
+        if args.clock == "wall"
+        else "process CPU time (`time.process_time`)"
     )
-    print(table(results, args.max_ratio))
     bad = [r for r in results if r.above]
-    print(
-        f"\nratio = µs/item at n={args.size_list[-1]:,} / µs/item at n={args.size_list[0]:,}; "
-        f"the bar is {args.max_ratio:g}x. "
-        + (
-            f"{len(bad)} path(s) above it: {', '.join(r.key for r in bad)}."
-            if bad
-            else "Every path is within it."
-        )
+    verdict = (
+        f"{len(bad)} path(s) above it: {', '.join(r.key for r in bad)}."
+        if bad
+        else "Every path is within it."
     )
+    report = "\n".join(
+        [
+            f"Generated by `{command}` on {env['time']} in {minutes:.1f} min, asyncbatch at "
+            f"{commit}. Python {env['python']} on {env['platform']}, {env['cpus']} CPUs "
+            f"(shared with other jobs); asyncio loop; GC {args.gc} in the measured window; "
+            f"median of {args.repeat} interleaved rounds (after one warm-up run per path); "
+            f"{timer} around the measured part only. Load average (1, 5, 15 min) "
+            f"{load_start} at the start, {_loadavg()} at the end.",
+            "",
+            table(results, args.max_ratio),
+            "",
+            f"ratio = µs/item at n={args.size_list[-1]:,} / µs/item at "
+            f"n={args.size_list[0]:,}; the bar is {args.max_ratio:g}x. {verdict}",
+        ]
+    )
+    print(report)
+    if args.results:
+        write_section(args.results, report)
     if args.json:
         _common.write_json(
             args.json,

@@ -79,6 +79,23 @@ def test_exit_status_says_whether_a_ratio_is_above_the_bar() -> None:
     assert "Every path is within it." in proc.stdout
 
 
+def test_results_section_replaced_in_place(tmp_path: Path) -> None:
+    results = tmp_path / "RESULTS.md"
+    other = "<!-- redis_streams.py: begin -->\n## Redis\n<!-- redis_streams.py: end -->\n"
+    results.write_text("# asyncbatch vs the alternatives\n\ntext\n\n" + other, encoding="utf-8")
+    for paths in ("submit_nowait", "put_nowait"):
+        proc = run("--quick", "--paths", paths, "--max-ratio", "1e9", "--results", str(results))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    text = results.read_text(encoding="utf-8")
+    assert text.startswith("# asyncbatch vs the alternatives\n\ntext\n")
+    assert other in text
+    assert text.count("<!-- scaling.py: begin -->") == 1
+    assert text.count("## Per-item cost at scale (benchmarks/scaling.py)") == 1
+    section = text.split("<!-- scaling.py: begin -->", 1)[1].split("<!-- scaling.py: end -->")[0]
+    assert "`put_nowait`" in section  # the second run's table replaced the first
+    assert "`submit_nowait`" not in section
+
+
 def test_bad_arguments_exit_2() -> None:
     proc = run("--paths", "no_such_path")
     assert proc.returncode == 2
