@@ -1937,13 +1937,20 @@ def render(report: Report, out_path: Path, command: str) -> str:
     return text
 
 
+#: Scripts that write a section of RESULTS.md between their own markers
+#: (``<!-- NAME: begin -->`` ... ``<!-- NAME: end -->``); regenerating keeps them.
+KEPT_SECTIONS = ("redis_streams.py", "scaling.py")
+
+
 def _kept_section(out_path: Path) -> str:
-    """The section benchmarks/redis_streams.py wrote between its markers, kept as it is."""
-    begin, end = "<!-- redis_streams.py: begin -->", "<!-- redis_streams.py: end -->"
+    """The sections other scripts wrote between their markers, kept as they are."""
     old = out_path.read_text(encoding="utf-8") if out_path.exists() else ""
-    if begin not in old or end not in old:
-        return ""
-    return "\n" + begin + old.split(begin, 1)[1].split(end, 1)[0] + end + "\n"
+    kept = ""
+    for name in KEPT_SECTIONS:
+        begin, end = f"<!-- {name}: begin -->", f"<!-- {name}: end -->"
+        if begin in old and end in old:
+            kept += "\n" + begin + old.split(begin, 1)[1].split(end, 1)[0] + end + "\n"
+    return kept
 
 
 def _capacity(plan: Plan, batch: int) -> float:
