@@ -16,15 +16,19 @@ backend together, through one :class:`~asyncbatch.Batcher`:
 - Per-request objects (a :class:`~asyncbatch.DataLoader` and its cache)
   belong to the request; the app-wide batcher holds no per-user data.
 
-Routes: ``GET /prices/{sku}`` (404 for an unknown product) and
-``GET /cart?sku=a&sku=b`` (several products at once, ``submit_many``). To add
+Routes: ``GET /prices/{sku}`` (404 for an unknown product),
+``GET /cart?sku=a&sku=b`` (several products at once, ``submit_many``) and
+``GET /metrics``: the batcher's figures for Prometheus to scrape (items by
+outcome, batch sizes, backend call durations, waits; see the README's
+"Metrics and traces"), from the app's own registry. To add
 a route, add it to ``ROUTES`` or to the list :func:`create_app` builds; the
 batcher is ``request.app.state.prices``.
 
-Run it (needs the ``http`` extra: starlette, uvicorn)::
+Run it (needs the ``http`` and ``prometheus`` extras)::
 
     python examples/web_service.py --port 8000
     curl http://127.0.0.1:8000/prices/sku-1
+    curl http://127.0.0.1:8000/metrics
 """
 
 from __future__ import annotations
@@ -37,12 +41,14 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
 import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from asyncbatch import Batcher
+from asyncbatch.contrib.prometheus import instrument
 
 
 class UnknownProduct(LookupError):
@@ -98,9 +104,16 @@ async def cart(request: Request) -> JSONResponse:
     return JSONResponse({"skus": skus, "total": total})
 
 
+async def metrics(request: Request) -> Response:
+    """The Prometheus text exposition of the app's registry (read now, from ``stats``)."""
+    registry: CollectorRegistry = request.app.state.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
 ROUTES = [
     Route("/prices/{sku}", price),
     Route("/cart", cart),
+    Route("/metrics", metrics),
 ]
 
 
@@ -108,9 +121,11 @@ def create_app(backend: PriceBackend | None = None) -> Starlette:
     """The service: ``ROUTES`` plus a lifespan that owns the batcher.
 
     ``backend`` defaults to a fresh :class:`PriceBackend`; it is kept as
-    ``app.state.backend``.
+    ``app.state.backend``. ``app.state.registry`` is the app's Prometheus
+    registry (its own, so that several apps in one process do not clash).
     """
     backend = PriceBackend() if backend is None else backend
+    registry = CollectorRegistry()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -123,10 +138,15 @@ def create_app(backend: PriceBackend | None = None) -> Starlette:
             name="prices",
         ) as batcher:
             app.state.prices = batcher
-            yield
+            exported = instrument(batcher, registry=registry)  # series batcher="prices"
+            try:
+                yield
+            finally:
+                exported.remove()  # a restart instruments its fresh batcher
 
     app = Starlette(routes=list(ROUTES), lifespan=lifespan)
     app.state.backend = backend
+    app.state.registry = registry
     return app
 
 

@@ -3,17 +3,21 @@
 Every figure is checked against a known workload on virtual time (looptime),
 so counts, histogram buckets and sums are exact. The exposition is served by
 prometheus_client's own HTTP server on 127.0.0.1 and parsed with its own text
-parser.
+parser. Last, the web-service example's ``/metrics`` route, served by uvicorn
+(real time: exact counts, no durations).
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
@@ -29,9 +33,8 @@ from asyncbatch.contrib.prometheus import (
 
 from .support import settle
 
-pytestmark = pytest.mark.looptime
-
 LabelSet = tuple[tuple[str, str], ...]
+EXAMPLES = str(Path(__file__).resolve().parent.parent / "examples")
 
 
 @dataclass
@@ -139,6 +142,7 @@ class Flaky:
         return [s.upper() for s in items]
 
 
+@pytest.mark.looptime
 async def test_known_workload_scraped_over_http(
     registry: CollectorRegistry, exposition: str
 ) -> None:
@@ -216,6 +220,7 @@ async def test_known_workload_scraped_over_http(
     assert got.series("asyncbatch_cache_hits_total") == {}
 
 
+@pytest.mark.looptime
 async def test_gauges_are_read_at_scrape_time(registry: CollectorRegistry, exposition: str) -> None:
     gate = asyncio.Event()
 
@@ -241,6 +246,7 @@ async def test_gauges_are_read_at_scrape_time(registry: CollectorRegistry, expos
     assert got.value("asyncbatch_items_total", batcher="held", outcome="succeeded") == 10
 
 
+@pytest.mark.looptime
 async def test_losses_are_counted_by_outcome(registry: CollectorRegistry, exposition: str) -> None:
     """ "Are we dropping?": rejected, dropped, expired and cancelled items, exactly."""
     gate = asyncio.Event()
@@ -300,6 +306,7 @@ async def test_losses_are_counted_by_outcome(registry: CollectorRegistry, exposi
     }  # fmt: skip
 
 
+@pytest.mark.looptime
 async def test_batch_function_is_instrumented_before_its_first_call(
     registry: CollectorRegistry,
 ) -> None:
@@ -325,6 +332,7 @@ def _exposition(registry: CollectorRegistry) -> str:
     return generate_latest(registry).decode()
 
 
+@pytest.mark.looptime
 async def test_dataloader_cache_hits_and_misses(registry: CollectorRegistry) -> None:
     async def load(keys: list[int]) -> list[str]:
         return [f"user {k}" for k in keys]
@@ -341,6 +349,7 @@ async def test_dataloader_cache_hits_and_misses(registry: CollectorRegistry) -> 
     await loader.aclose()
 
 
+@pytest.mark.looptime
 async def test_same_name_twice_in_one_registry_is_an_error(registry: CollectorRegistry) -> None:
     async def sink(items: list[int]) -> list[int]:
         return items
@@ -363,6 +372,7 @@ async def test_same_name_twice_in_one_registry_is_an_error(registry: CollectorRe
     )
 
 
+@pytest.mark.looptime
 async def test_removed_batcher_is_no_longer_observed(registry: CollectorRegistry) -> None:
     async def sink(items: list[int]) -> list[int]:
         return items
@@ -414,3 +424,43 @@ def test_bad_buckets_are_refused(
 def test_wrong_target_is_a_type_error(registry: CollectorRegistry) -> None:
     with pytest.raises(TypeError, match="expected an asyncbatch Batcher"):
         instrument(object(), registry=registry)
+
+
+@pytest.mark.realtime
+async def test_web_service_example_serves_metrics() -> None:
+    """``examples/web_service.py``: GET /metrics after known traffic, over real HTTP."""
+    if EXAMPLES not in sys.path:
+        sys.path.insert(0, EXAMPLES)
+    import web_service
+
+    backend = web_service.PriceBackend(latency=0.05)
+    app = web_service.create_app(backend)
+    async with (
+        web_service.running_server(app) as url,
+        httpx.AsyncClient(base_url=url, timeout=30) as client,
+    ):
+        paths = [f"/prices/sku-{i}" for i in range(1, 31)] + ["/prices/nope"]
+        paths.append("/cart?sku=sku-1&sku=sku-2&sku=sku-3")
+        responses = await asyncio.gather(*(client.get(path) for path in paths))
+        assert [r.status_code for r in responses] == [200] * 30 + [404, 200]
+        response = await client.get("/metrics")
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/plain")
+        got = Scrape.parse(response.text)
+    calls = len(backend.calls)
+    assert sum(len(call) for call in backend.calls) == 34
+    assert calls < 34  # batched
+    assert {
+        dict(labels)["outcome"]: v
+        for labels, v in got.series("asyncbatch_items_total", batcher="prices").items()
+    } == {"succeeded": 33, "failed": 1, "cancelled": 0, "expired": 0, "rejected": 0, "dropped": 0}
+    assert sum(got.series("asyncbatch_batches_total", batcher="prices").values()) == calls
+    buckets, count, total = got.histogram("asyncbatch_batch_size", "prices")
+    assert (count, total) == (calls, 34)
+    assert buckets["+Inf"] == calls
+    _, count, total = got.histogram("asyncbatch_sink_duration_seconds", "prices")
+    assert count == calls
+    assert total >= 0.05 * calls  # each call sleeps 0.05 s
+    assert got.histogram("asyncbatch_batch_wait_seconds", "prices")[1] == calls
+    assert got.value("asyncbatch_concurrency_limit", batcher="prices") == 4
+    assert got.value("asyncbatch_in_flight_items", batcher="prices") == 0
