@@ -40,14 +40,16 @@ Checked after every step, and once more after the final ``aclose()``:
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import itertools
 import math
 import random
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from types import MappingProxyType
+from typing import Any, Protocol, TypeVar, overload
 
 import looptime
 import pytest
@@ -62,7 +64,15 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from asyncbatch import Batcher, BatcherClosed, QueueFull, ResultMismatch, Retry, Retryable
+from asyncbatch import (
+    Batcher,
+    BatcherClosed,
+    BatchReport,
+    QueueFull,
+    ResultMismatch,
+    Retry,
+    Retryable,
+)
 
 from .support import RecordingSink
 
@@ -83,6 +93,57 @@ class ItemError(Exception):
     """A per-item error; ``args == (key, item id, call number)``."""
 
 
+class Rows(Sequence[object]):
+    """A ``collections.abc.Sequence`` answer that is neither a list nor a tuple."""
+
+    def __init__(self, values: list[object]) -> None:
+        self._values = values
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    @overload
+    def __getitem__(self, index: int) -> object: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[object]: ...
+
+    def __getitem__(self, index: int | slice) -> object:
+        return self._values[index]
+
+
+class Table(Mapping[object, object]):
+    """A ``collections.abc.Mapping`` answer that is not a dict."""
+
+    def __init__(self, values: dict[object, object]) -> None:
+        self._values = values
+
+    def __getitem__(self, key: object) -> object:
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[object]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
+# Entries that are Exception instances: each fails only its item. StopIteration
+# cannot be set on a future: its caller gets a RuntimeError caused by it.
+ERROR_ENTRIES: tuple[type[Exception], ...] = (ItemError, StopIteration, StopAsyncIteration)
+# BaseException but not Exception: a *value* like any other ("an entry that is
+# an Exception instance fails only that item"; these are not).
+BASE_VALUES: tuple[type[BaseException], ...] = (
+    asyncio.CancelledError,
+    KeyboardInterrupt,
+    SystemExit,
+    GeneratorExit,
+)
+# What a sink may do to the list it is handed, before it answers or raises.
+MUTATIONS = ("none", "sort", "shuffle", "reverse", "clear", "pop", "del", "append", "keep")
+REENTRY = ("flush", "aclose", "submit")
+
+
 @dataclass(eq=False)
 class Call:
     """One sink call as the sink saw it."""
@@ -96,10 +157,27 @@ class Call:
     raised: BaseException | None = None
     mismatched: set[int] = field(default_factory=set)  # ids failed with ResultMismatch
     again: set[int] = field(default_factory=set)  # ids left without a final answer
+    retryable: set[int] = field(default_factory=set)  # ids answered Retryable(values[id])
+
+
+class Host(Protocol):
+    """What a re-entrant sink needs from the machine that drives it."""
+
+    batcher: Batcher[Item, Any]
+
+    def nested_submit(self, key: int) -> asyncio.Task[Any]: ...
+
+    def sink_closes(self, cancel: bool) -> None: ...
 
 
 class ChaosSink:
-    """Answers at random and records, per call and per item, what it did."""
+    """Answers at random and records, per call and per item, what it did.
+
+    It also mistreats the list it is handed (sorts, drains, grows or keeps it
+    to change later), answers with every kind of ``Sequence`` and ``Mapping``,
+    with ``Exception`` entries of awkward types and ``BaseException`` values,
+    and, with ``reenter``, calls back into its own batcher.
+    """
 
     __qualname__ = "ChaosSink"
 
@@ -111,35 +189,129 @@ class ChaosSink:
         retry: Retry | None,
         max_size: int,
         mapping_by_key: bool,
+        reenter: str | None,
     ) -> None:
         self.rng = rng
         self.timeout = timeout
         self.retry = retry
         self.mapping_by_key = mapping_by_key
+        self.reenter = reenter
+        self.host: Host | None = None
         self.calls: list[Call] = []
         self.sent: dict[int, list[int]] = {}  # item id -> numbers of the calls that had it
         self.violations: list[str] = []
+        self.kept: list[list[Item]] = []  # lists handed to the sink, kept to change later
+        # Items of submit_many(return_exceptions=False): no BaseException values
+        # for them (see test_submit_many_returns_base_exception_values).
+        self.no_base_values: set[int] = set()
+        self.nested: set[int] = set()  # ids submitted from inside the sink
+        self.max_sends: float
         if retry is None:
             self.max_sends = 1
         else:
             depth = math.ceil(math.log2(max_size)) if retry.isolate and max_size > 1 else 0
-            self.max_sends = int(retry.attempts) + depth
+            self.max_sends = retry.attempts + depth
 
     async def __call__(self, items: list[Item]) -> Any:
         call = Call(len(self.calls), list(items))
         self.calls.append(call)
         self._check_resend(call)
         rng = self.rng
+        for kept in self.kept:  # lists of earlier calls, changed long after
+            change = rng.randrange(3)
+            if change == 0:
+                kept.clear()
+            elif change == 1:
+                kept.reverse()
+            else:
+                kept.append((-1, -1))
+        mutation = rng.choice(MUTATIONS) if rng.random() < 0.5 else "none"
+        early = rng.random() < 0.5
+        if early:
+            self._mutate(items, mutation)
         try:
             roll = rng.random()
             if roll < 0.2:
                 await asyncio.sleep(rng.choice([0.01, 0.1, 0.5, 2.0]))
             elif roll < 0.28 and self.timeout is not None:
                 await asyncio.sleep(STALL)
+            # One level deep: a batch with a nested item does not nest again.
+            nested = any(i in self.nested for i, _ in call.items)
+            if self.reenter is not None and rng.random() < 0.25 and not nested:
+                await self._reenter(call)
         except asyncio.CancelledError:
             call.state = "cancelled"
-            call.again = {it[0] for it in items}
+            call.again = {it[0] for it in call.items}
             raise
+        if not early:
+            self._mutate(items, mutation)
+        return self._answer(call)
+
+    def _mutate(self, items: list[Item], mutation: str) -> None:
+        rng = self.rng
+        if mutation == "sort":
+            items.sort(key=lambda it: (-it[1], -it[0]))
+        elif mutation == "shuffle":
+            rng.shuffle(items)
+        elif mutation == "reverse":
+            items.reverse()
+        elif mutation == "clear":
+            items.clear()
+        elif mutation == "pop":
+            while items:
+                items.pop()
+        elif mutation == "del":
+            del items[: len(items) // 2 + 1]
+        elif mutation == "append":
+            items.append((-1, -1))
+            items.insert(0, (-2, -2))
+        elif mutation == "keep":
+            self.kept.append(items)
+
+    async def _reenter(self, call: Call) -> None:
+        host = self.host
+        assert host is not None
+        what = self.reenter if self.reenter in REENTRY else self.rng.choice(REENTRY)
+        b = host.batcher
+        try:
+            if what == "flush":
+                await b.flush()
+            elif what == "aclose":
+                cancel = self.rng.random() < 0.3
+                host.sink_closes(cancel)
+                await b.aclose(cancel=cancel)
+            else:
+                key = self.rng.randrange(6)
+                await asyncio.wait([host.nested_submit(key)])
+        except RuntimeError as exc:
+            # Refusing is allowed, clearly: the message names the batcher.
+            if b.name not in str(exc):
+                self.violations.append(f"call {call.no}: {what} from the sink: {exc!r}")
+
+    def _entry(self, call: Call, i: int, key: int) -> object:
+        """One item's answer, recorded in ``call``."""
+        kind = self.rng.random()
+        value: object
+        if kind < 0.12:
+            value = self.rng.choice(ERROR_ENTRIES)(key, i, call.no)
+            call.values[i] = value
+        elif kind < 0.27:
+            error = self.rng.choice([ItemError, StopIteration])(key, i, call.no)
+            value = Retryable(error, retry_after=self.rng.choice([None, 0.0, 0.3]))
+            call.values[i] = error  # what the caller gets when no retry is left
+            call.again.add(i)
+            call.retryable.add(i)
+        elif kind < 0.35 and i not in self.no_base_values:
+            value = self.rng.choice(BASE_VALUES)(key, i, call.no)
+            call.values[i] = value
+        else:
+            value = ("ok", key, i, call.no)
+            call.values[i] = value
+        return value
+
+    def _answer(self, call: Call) -> Any:
+        rng = self.rng
+        items = call.items  # as handed over: answers follow that order
         roll = rng.random()
         if roll < 0.12:
             call.state = "raised"
@@ -150,38 +322,30 @@ class ChaosSink:
             call.state = "shape"
             call.mismatched = call.again = {it[0] for it in items}
             if roll < 0.16:
-                return [("ok", key, i, call.no) for i, key in items][1:]
-            return rng.choice(["abc", 42, b"x"])
+                wrong = [("ok", key, i, call.no) for i, key in items][1:]
+                return rng.choice([list, tuple, Rows])(wrong)
+            return rng.choice(["abc", 42, b"x", range(len(items) + 1)])
         call.state = "answered"
         if roll < 0.23:
             call.none = True
             return None
-        answers: list[object] = []
-        for i, key in items:
-            kind = rng.random()
-            value: object
-            if kind < 0.2:
-                value = ItemError(key, i, call.no)
-                call.values[i] = value
-            elif kind < 0.35:
-                error = ItemError(key, i, call.no)
-                value = Retryable(error, retry_after=rng.choice([None, 0.0, 0.3]))
-                call.values[i] = error  # what the caller gets when no retry is left
-                call.again.add(i)
-            else:
-                value = ("ok", key, i, call.no)
-                call.values[i] = value
-            answers.append(value)
-        if roll < 0.33:  # the same answers as a mapping, one key missing
+        if roll < 0.27:  # a range: each item's answer is its position
+            for j, (i, _) in enumerate(items):
+                call.values[i] = j
+            return range(len(items))
+        answers = [self._entry(call, i, key) for i, key in items]
+        if roll < 0.4:  # the same answers as a mapping, maybe one key missing
             keys = [key if self.mapping_by_key else (i, key) for i, key in items]
-            missing = rng.randrange(len(items))
-            call.mismatched = {items[missing][0]}
-            call.again.discard(items[missing][0])
-            del call.values[items[missing][0]]
-            return {
-                k: v for j, (k, v) in enumerate(zip(keys, answers, strict=True)) if j != missing
-            }
-        return answers
+            table: dict[object, object] = dict(zip(keys, answers, strict=True))
+            if rng.random() < 0.6:
+                missing = rng.randrange(len(items))
+                call.mismatched = {items[missing][0]}
+                call.again.discard(items[missing][0])
+                call.retryable.discard(items[missing][0])
+                del call.values[items[missing][0]]
+                del table[keys[missing]]
+            return rng.choice([dict, Table, MappingProxyType])(table)
+        return rng.choice([list, tuple, Rows])(answers)
 
     def _check_resend(self, call: Call) -> None:
         for i, _ in call.items:
@@ -205,7 +369,7 @@ class ChaosSink:
 class Caller:
     """One submitted item and whoever waits for it."""
 
-    kind: str  # submit, nowait, many
+    kind: str  # submit, nowait, many, nested (from inside the sink), put
     key: int
     fut: asyncio.Future[Any]  # the submit task, the nowait future, or the submit_many task
     timeout: float | None = None
@@ -217,20 +381,34 @@ class Caller:
     checked: bool = False
 
 
+@dataclass(eq=False)
+class Put:
+    """One ``put``/``put_nowait`` item: nobody waits, stats and reports tell."""
+
+    id: int
+    key: int
+    task: asyncio.Task[None] | None = None  # await put(): done once it was accepted
+
+
 configs = st.fixed_dictionaries(
     {
         "max_size": st.integers(1, 6),
-        "max_wait": st.sampled_from([0.0, 0.05, 0.5]),
+        # math.inf: no linger deadline (batches go on size, room, flush, close).
+        "max_wait": st.sampled_from([0.0, 0.05, 0.5, math.inf]),
         "interval": st.sampled_from([None, None, 0.3]),
-        "max_weight": st.sampled_from([None, None, 4]),
-        "max_concurrency": st.integers(1, 3),
-        "max_pending": st.sampled_from([None, None, 3, 8]),
+        "max_weight": st.sampled_from([None, None, 4, math.inf]),
+        "max_concurrency": st.sampled_from([1, 1, 2, 3, None]),  # None: no limit
+        # 1 and values below max_size: room runs out before a batch fills.
+        "max_pending": st.sampled_from([None, None, 1, 3, 8]),
         "overflow": st.sampled_from(["block", "reject", "drop_oldest"]),
         "dedupe": st.booleans(),
         "partitions": st.sampled_from([1, 1, 3]),
-        "timeout": st.sampled_from([None, 1.5]),
-        "attempts": st.sampled_from([None, None, 1, 2, 3]),
+        "timeout": st.sampled_from([None, 1.5, math.inf]),
+        # math.inf: retry until the sink succeeds (this one always does, some day).
+        "attempts": st.sampled_from([None, None, 1, 2, 3, math.inf]),
         "isolate": st.booleans(),
+        # The sink calls back into its own batcher (one of these, or any).
+        "reenter": st.sampled_from([None, None, None, "flush", "aclose", "submit", "any"]),
     }
 )
 keys = st.integers(0, 5)
@@ -253,6 +431,9 @@ class ChaosMachine(RuleBasedStateMachine):
         self.final_cancel = False
         self.close_after = 0
         self.never_sent: dict[int, str] = {}  # item id -> why the sink must not see it
+        self.puts: list[Put] = []
+        self.reports: list[BatchReport] = []
+        self.max_pending_seen = 0
 
     # ------------------------------------------------------------- driving
 
@@ -299,15 +480,27 @@ class ChaosMachine(RuleBasedStateMachine):
             )
         self.retry = retry
         dedupe: bool = config["dedupe"]
+        timeout: float | None = config["timeout"]
         self.sink = ChaosSink(
             random.Random(seed),
-            timeout=config["timeout"],
+            timeout=None if timeout is None or math.isinf(timeout) else timeout,
             retry=retry,
             max_size=config["max_size"],
             mapping_by_key=dedupe,
+            reenter=config["reenter"],
         )
+        self.sink.host = self
+        try:
+            self.batcher = self._make_batcher(config)
+        except ValueError as exc:
+            _check_refusal(config, exc)
+            config["max_wait"] = 0.5
+            self.batcher = self._make_batcher(config)
+
+    def _make_batcher(self, config: dict[str, Any]) -> Batcher[Item, Any]:
+        dedupe: bool = config["dedupe"]
         partitions: int = config["partitions"]
-        self.batcher: Batcher[Item, Any] = Batcher(
+        return Batcher(
             self.sink,
             max_size=config["max_size"],
             max_wait=config["max_wait"],
@@ -321,8 +514,29 @@ class ChaosMachine(RuleBasedStateMachine):
             dedupe=dedupe,
             partition=(lambda it: it[1] % partitions) if partitions > 1 else None,
             timeout=config["timeout"],
-            retry=retry,
+            retry=self.retry,
+            on_batch=self.reports.append,
         )
+
+    # ---------------------------------------------------------- re-entrancy
+
+    def nested_submit(self, key: int) -> asyncio.Task[Any]:
+        """From inside the sink: ``submit`` to the sink's own batcher."""
+        caller: Caller
+
+        async def call() -> Any:
+            caller.id = next(self.ids)
+            self.sink.nested.add(caller.id)
+            return await self.batcher.submit((caller.id, key))
+
+        task = self.loop.create_task(call())
+        caller = Caller("nested", key, task, after_close=self.close_started)
+        self.callers.append(caller)
+        return task
+
+    def sink_closes(self, cancel: bool) -> None:
+        self.close_started = True
+        self.cancel_closed |= cancel
 
     # --------------------------------------------------------------- rules
 
@@ -351,27 +565,87 @@ class ChaosMachine(RuleBasedStateMachine):
 
     @rule(batch=st.lists(keys, min_size=1, max_size=4))
     def submit_nowait(self, batch: list[int]) -> None:
-        items = [(next(self.ids), key) for key in batch]
-
-        async def call() -> list[asyncio.Future[Any] | None]:
-            futs: list[asyncio.Future[Any] | None] = []
-            for item in items:
+        async def call() -> list[tuple[Item, asyncio.Future[Any] | None]]:
+            futs: list[tuple[Item, asyncio.Future[Any] | None]] = []
+            for key in batch:
+                # Ids are taken at the moment of the call: arrival order.
+                item = (next(self.ids), key)
                 if self.close_started:
                     with pytest.raises(BatcherClosed):
                         self.batcher.submit_nowait(item)
-                    futs.append(None)
+                    futs.append((item, None))
                     continue
                 try:
-                    futs.append(self.batcher.submit_nowait(item))
+                    fut = self._dropping(functools.partial(self.batcher.submit_nowait, item))
                 except QueueFull:
                     assert self.config["max_pending"] is not None
-                    futs.append(None)
+                    fut = None
+                futs.append((item, fut))
             return futs
 
-        for (i, key), fut in zip(items, self.run(call()), strict=True):
+        for (i, key), fut in self.run(call()):
             if fut is not None:
                 self.callers.append(Caller("nowait", key, fut, id=i))
         self.settle()
+
+    @rule(batch=st.lists(keys, min_size=1, max_size=4), nowait=st.booleans())
+    def put(self, batch: list[int], nowait: bool) -> None:
+        """Fire-and-forget items: no future; stats and ``on_batch`` tell their fate."""
+        if nowait:
+
+            async def call() -> None:
+                for key in batch:
+                    item = (next(self.ids), key)
+                    if self.close_started:
+                        with pytest.raises(BatcherClosed):
+                            self.batcher.put_nowait(item)
+                        continue
+                    try:
+                        self._dropping(functools.partial(self.batcher.put_nowait, item))
+                    except QueueFull:
+                        assert self.config["max_pending"] is not None
+                        continue
+                    self.puts.append(Put(item[0], key))
+
+            self.run(call())
+        else:
+            for key in batch:
+                self._put(key)
+        self.settle()
+
+    def _put(self, key: int) -> None:
+        put = Put(-1, key)
+
+        async def call() -> None:
+            put.id = next(self.ids)
+            await self.batcher.put((put.id, key))
+
+        put.task = self.loop.create_task(call())
+        self.puts.append(put)
+
+    def _dropping(self, submit: Callable[[], T]) -> T:
+        """``submit()``; if it made room under ``drop_oldest``, it dropped the
+        oldest live pending item of any partition (ids follow arrival)."""
+        if self.config["overflow"] != "drop_oldest" or self.config["max_pending"] is None:
+            return submit()
+        live: list[tuple[Any, int, int]] = []  # (batch, slot, item id)
+        for batch in self.batcher._waiting:
+            if batch.running:
+                continue
+            extra = batch.extra or {}
+            for slot, item in enumerate(batch.items):
+                if item is None:
+                    continue
+                if any(not f.done() for f in (batch.futs[slot], *extra.get(slot, ()))):
+                    live.append((batch, slot, item[0]))
+        try:
+            return submit()
+        finally:
+            dropped = [i for batch, slot, i in live if batch.items[slot] is None]
+            assert len(dropped) <= 1, dropped
+            if dropped:
+                oldest = min(i for _, _, i in live)
+                assert dropped == [oldest], (dropped, sorted(i for _, _, i in live))
 
     @rule(
         batch=st.lists(keys, min_size=1, max_size=4),
@@ -379,6 +653,8 @@ class ChaosMachine(RuleBasedStateMachine):
     )
     def submit_many(self, batch: list[int], return_exceptions: bool) -> None:
         items = [(next(self.ids), key) for key in batch]
+        if not return_exceptions:
+            self.sink.no_base_values.update(i for i, _ in items)
         task = self.loop.create_task(self._many(items, return_exceptions))
         for index, (i, key) in enumerate(items):
             self.callers.append(
@@ -418,10 +694,19 @@ class ChaosMachine(RuleBasedStateMachine):
                     self.never_sent[c.id] = "withdrawn before dispatch"
         self.settle()
 
-    @rule(dt=st.sampled_from([0.0, 0.01, 0.05, 0.2, 1.0, 3.0]))
+    @rule(dt=st.sampled_from([0.0, 0.01, 0.05, 0.2, 1.0, 3.0, 30.0]))
     def advance(self, dt: float) -> None:
         self.run(asyncio.sleep(dt))
         self.settle()
+        if dt < 30 or self.batcher.closed:
+            return
+        # Liveness: after a long quiet time, with no sink call running, nothing
+        # waits that some trigger should have moved (a silent stall).
+        s = self.batcher.stats
+        if s.in_flight == 0:
+            assert not self.batcher._putters, ("submitters wait for room forever", s)
+            if not math.isinf(self.config["max_wait"]) or self.config["interval"]:
+                assert s.pending == 0, ("items pending past every deadline", s)
 
     @rule(wait=st.booleans())
     def flush(self, wait: bool) -> None:
@@ -457,6 +742,15 @@ class ChaosMachine(RuleBasedStateMachine):
         self.settle()
 
     # ---------------------------------------------------------- invariants
+
+    @invariant()
+    def peak_pending_covers_every_pending_seen(self) -> None:
+        if self.config:
+            s = self.batcher.stats
+            self.max_pending_seen = max(self.max_pending_seen, s.pending)
+            assert s.peak_pending >= self.max_pending_seen, (self.max_pending_seen, s)
+            if self.config["max_pending"] is not None:
+                assert s.pending <= self.config["max_pending"], s
 
     @invariant()
     def no_exception_handler_calls(self) -> None:
@@ -509,6 +803,7 @@ class ChaosMachine(RuleBasedStateMachine):
                 c.checked = True
                 self._check_outcome(c)
         self._check_counters()
+        self._check_puts_and_reports()
         self._check_fifo()
         assert self.sink.violations == [], self.sink.violations
         # Nothing of ours keeps the futures alive any more: an exception left
@@ -568,15 +863,38 @@ class ChaosMachine(RuleBasedStateMachine):
     def _allowed(self, c: Caller, outcome: object) -> bool:
         """Whether ``outcome`` is one the sink or the configuration gave ``c``."""
         dedupe = self.config["dedupe"]
-        if isinstance(outcome, tuple | ItemError):
-            value = outcome if isinstance(outcome, tuple) else outcome.args
-            if isinstance(outcome, tuple):
-                assert value[0] == "ok", outcome
-                value = value[1:]
-            key, i, no = value
-            if key != c.key or (not dedupe and i != c.id):
-                return False  # somebody else's answer
-            return self.sink.calls[no].values.get(i) is outcome
+        for call in self._calls_with(c):
+            for j, (i, key) in enumerate(call.items):
+                if (key != c.key) if dedupe else (i != c.id):
+                    continue  # somebody else's slot
+                if i not in call.values:
+                    continue
+                value = call.values[i]
+                if not (
+                    value is outcome
+                    or (type(value) is int and type(outcome) is int and value == outcome == j)
+                    or (
+                        isinstance(value, StopIteration)
+                        and type(outcome) is RuntimeError
+                        and outcome.__cause__ is value
+                    )
+                ):
+                    continue
+                if i in call.retryable and self.retry is not None:
+                    # The Retryable's error is final only once no try is left.
+                    tries = self.sink.sent[i].index(call.no) + 1
+                    assert tries >= self.retry.attempts, (
+                        f"{c} got the error of a Retryable after {tries} of "
+                        f"{self.retry.attempts} tries",
+                        call,
+                    )
+                return True
+        if isinstance(outcome, tuple | ItemError | StopIteration | StopAsyncIteration):
+            return False  # a result or per-item error of somebody else
+        if isinstance(outcome, RuntimeError) and isinstance(outcome.__cause__, StopIteration):
+            return False  # the StopIteration entry of somebody else
+        if isinstance(outcome, BASE_VALUES) and outcome.args:
+            return False  # a value of somebody else (a real cancellation has no args)
         if outcome is None:
             return any(call.none for call in self._calls_with(c))
         if isinstance(outcome, SinkError):
@@ -589,13 +907,18 @@ class ChaosMachine(RuleBasedStateMachine):
                 for i, key in call.items
                 if (key == c.key if dedupe else i == c.id)
             )
+        if isinstance(outcome, RuntimeError) and outcome.__cause__ is None:
+            # Refused re-entry: only a submit from inside the sink, named.
+            assert c.kind == "nested", (c, outcome)
+            assert self.batcher.name in str(outcome), outcome
+            return True
         return self._check_error(c, outcome)
 
     def _check_error(self, c: Caller, outcome: object) -> bool:
         config = self.config
         if isinstance(outcome, TimeoutError):
             if c.timeout is None:
-                assert config["timeout"] is not None, (c, outcome)
+                assert config["timeout"] not in (None, math.inf), (c, outcome)
                 assert "did not answer within" in str(outcome), outcome
             return True
         if isinstance(outcome, QueueFull):
@@ -612,7 +935,11 @@ class ChaosMachine(RuleBasedStateMachine):
                 # A drain resolves every accepted item: only callers that came
                 # too late, or were still waiting for room, see BatcherClosed.
                 may_block = config["max_pending"] is not None and config["overflow"] == "block"
-                assert c.after_close or (c.kind != "nowait" and may_block), (c, outcome)
+                refused = "accepts no new items" in str(outcome)  # closed by the sink
+                assert c.after_close or refused or (c.kind != "nowait" and may_block), (
+                    c,
+                    outcome,
+                )
             return True
         if isinstance(outcome, asyncio.CancelledError):
             assert c.cancelled, c
@@ -647,6 +974,58 @@ class ChaosMachine(RuleBasedStateMachine):
         ok = sum(1 for c in self.callers if _ok(c.fut) and isinstance(self._outcome(c), tuple))
         assert ok <= s.succeeded, (ok, s)
 
+    def _check_puts_and_reports(self) -> None:
+        """Each item fails at most once in ``on_batch`` reports; every accepted
+        ``put`` item ends as the sink's answer for it, a reported failure, or
+        (never sent) a drop or a cancelling close."""
+        failed: dict[int, BaseException] = {}
+        for report in self.reports:
+            for item, exc in report.failed_items:
+                assert item[0] not in failed, ("an item failed twice", item, exc)
+                failed[item[0]] = exc
+        accepted = [p for p in self.puts if p.task is None or (p.task.done() and _ok(p.task))]
+        for p in self.puts:
+            if p.task is not None:
+                outcome = self._outcome(Caller("put", p.key, p.task))
+                assert outcome is None or isinstance(
+                    outcome, QueueFull | BatcherClosed | TimeoutError
+                ), (p, outcome)
+                if isinstance(outcome, QueueFull):
+                    assert self.config["overflow"] == "reject", (p, outcome)
+        ok = 0
+        for p in accepted:
+            c = Caller("put", p.key, p.task or _done_future(self.loop), id=p.id)
+            sent = self.sink.sent.get(p.id)
+            if not sent:
+                # Never reached the sink: dropped, closed with cancel=True, or
+                # (dedupe) coalesced into the slot of an equal item.
+                assert (
+                    self.config["overflow"] == "drop_oldest"
+                    or self.cancel_closed
+                    or self.config["dedupe"]
+                ), p
+                assert p.id not in failed, (p, failed[p.id])
+                continue
+            last = self.sink.calls[sent[-1]]
+            if p.id in failed:
+                exc = failed[p.id]
+                assert not isinstance(exc, QueueFull), (p, exc)
+                if isinstance(exc, StopIteration):
+                    assert any(call.values.get(p.id) is exc for call in self._calls_with(c))
+                else:
+                    assert self._allowed(c, exc), (p, exc)
+                continue
+            # Not reported as failed: its last call answered it, for good.
+            assert last.state == "answered", (p, last)
+            assert p.id not in last.mismatched, (p, last)
+            assert p.id not in last.again, (p, last)
+            assert last.none or not isinstance(last.values.get(p.id), Exception), (p, last)
+            ok += 1
+        s = self.batcher.stats
+        good = sum(1 for c in self.callers if _ok(c.fut) and c.kind != "many")
+        assert ok + good <= s.succeeded, (ok, good, s)
+        assert len(failed) <= s.failed, (len(failed), s)
+
     def _check_fifo(self) -> None:
         config = self.config
         if config["max_pending"] is not None and config["overflow"] == "block":
@@ -677,6 +1056,23 @@ def _refused_or_dropped(outcome: object) -> bool:
     if isinstance(outcome, BatcherClosed):
         return "in flight" not in message  # closed before the item was dispatched
     return False
+
+
+def _check_refusal(config: dict[str, Any], exc: ValueError) -> None:
+    """A configuration is refused only when nothing could ever be dispatched:
+    a batch that never fills (room runs out first) and has no deadline."""
+    message = str(exc)
+    assert config["overflow"] == "drop_oldest", message
+    assert config["max_pending"] < config["max_size"], message
+    assert math.isinf(config["max_wait"]), message
+    assert config["interval"] is None, message
+    assert "max_pending" in message, message
+
+
+def _done_future(loop: asyncio.AbstractEventLoop) -> asyncio.Future[Any]:
+    fut: asyncio.Future[Any] = loop.create_future()
+    fut.set_result(None)
+    return fut
 
 
 def _ok(fut: asyncio.Future[Any]) -> bool:
