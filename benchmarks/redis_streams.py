@@ -234,7 +234,26 @@ def render(cells: dict[tuple[str, int], Cell], args: Any, seconds: float, comman
             f"{ab.median('server_cpu'):.2f} | {hw.median('consumers_cpu'):.2f} / "
             f"{ab.median('consumers_cpu'):.2f} |"
         )
-    lines += ["", END, ""]
+    runs = [run for cell in cells.values() for run in cell.runs]
+    server_max = max(run.server_cpu for run in runs)
+    consumers_max = max(run.consumers_cpu for run in runs)
+    limit = (
+        "the server's core is the limit"
+        if server_max >= 0.8
+        else "the server's core is not the limit; the consumer processes are (redis-py parses "
+        "each reply in Python, the same in both systems) and so is the CPU the machine "
+        "leaves them"
+    )
+    lines += [
+        "",
+        f"Where the limit is: redis-server used at most {server_max:.2f} of its core in any "
+        f"run, and all consumer processes together at most {consumers_max:.2f} of the "
+        f"machine's {os.cpu_count()} cores: {limit}. Compare rows within one run; the "
+        "consumer CPU per entry is the least noisy column on a shared machine.",
+        "",
+        END,
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -30,7 +30,7 @@ async def test_demo_aggregates_idempotently_and_reports_dead_letters(
     server: RedisServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["--redis-url", server.url, "--db", str(tmp_path / "t.sqlite3")]
-    rep = await stream_pipeline.main([*argv, "--count", "1000", "--min-idle", "0.2"])
+    rep = await stream_pipeline.main([*argv, "--count", "1000", "--min-idle", "1.0"])
     assert rep is not None
     assert rep.applied == 1000 - 10  # every 97th order is malformed
     assert len(rep.dead) == 10
@@ -61,7 +61,7 @@ def test_one_command(server: RedisServer, tmp_path: Path) -> None:
     proc = subprocess.run(
         [
             *(sys.executable, "examples/stream_pipeline.py", "--db", str(tmp_path / "x.sqlite3")),
-            *("--count", "500", "--min-idle", "0.2"),
+            *("--count", "500", "--min-idle", "1.0"),
         ],
         cwd=ROOT,
         env=env,
