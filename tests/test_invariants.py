@@ -22,17 +22,27 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import math
 import random
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import Any, overload
 
 import looptime
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from asyncbatch import Batcher, BatcherClosed, QueueFull, ResultMismatch, Retry, Retryable
+from asyncbatch import (
+    Batcher,
+    BatcherClosed,
+    BatchReport,
+    QueueFull,
+    ResultMismatch,
+    Retry,
+    Retryable,
+)
 
 from .support import live_timers
 
@@ -56,46 +66,124 @@ class World:
     first_calls: list[list[Item]] = field(default_factory=list)
     seen_ids: set[int] = field(default_factory=set)
 
+    kept: list[list[Item]] = field(default_factory=list)
+
     async def sink(self, items: list[Item]) -> Any:
-        self.calls.append(list(items))
-        fresh = [it for it in items if it[0] not in self.seen_ids]
-        if len(fresh) == len(items):
-            self.first_calls.append(list(items))
-        self.seen_ids.update(it[0] for it in items)
-        roll = self.rng.random()
+        given = list(items)  # the answer follows the order it was handed over
+        self.calls.append(given)
+        fresh = [it for it in given if it[0] not in self.seen_ids]
+        if len(fresh) == len(given):
+            self.first_calls.append(given)
+        self.seen_ids.update(it[0] for it in given)
+        rng = self.rng
+        for kept in self.kept:  # a list of an earlier call, changed long after
+            kept.append((-1, -1))
+            kept.reverse()
+        if rng.random() < 0.4:  # the sink owns its list: sort, drain, grow or keep it
+            _mutate(rng, items, self.kept)
+        roll = rng.random()
         if roll < 0.15:
-            await asyncio.sleep(self.rng.uniform(0, 2))
+            await asyncio.sleep(rng.uniform(0, 2))
         elif roll < 0.2 and self.timeout is not None:
             await asyncio.sleep(1000)  # only the sink timeout ends this
-        roll = self.rng.random()
+        if rng.random() < 0.3:
+            _mutate(rng, items, self.kept)  # also after the wait, before answering
+        pack = rng.choice([list, tuple, _Rows])
+        roll = rng.random()
         if roll < 0.12:
             raise SinkError("sink failed")
         if roll < 0.17:
-            return [("ok", key) for _, key in items][1:]  # wrong length
-        if roll < 0.22:
-            return {key: ("ok", key) for _, key in items[1:]}  # mapping, one key missing
+            return pack([("ok", key) for _, key in given][1:])  # wrong length
+        if roll < 0.22:  # mapping, one key missing
+            table = {key: ("ok", key) for _, key in given[1:]}
+            return rng.choice([dict, MappingProxyType])(table)
         if roll < 0.35:
-            return [ItemError(key) if self.rng.random() < 0.3 else ("ok", key) for _, key in items]
+            return pack(
+                [_entry(rng, key) if rng.random() < 0.4 else ("ok", key) for _, key in given]
+            )
         if roll < 0.45:  # some items ask to be retried on their own
-            return [
-                Retryable(ItemError(key)) if self.rng.random() < 0.4 else ("ok", key)
-                for _, key in items
-            ]
-        return [("ok", key) for _, key in items]
+            return pack(
+                [
+                    Retryable(rng.choice([ItemError, StopIteration])(key))
+                    if rng.random() < 0.4
+                    else ("ok", key)
+                    for _, key in given
+                ]
+            )
+        if roll < 0.5:
+            return rng.choice([dict, MappingProxyType])({key: ("ok", key) for _, key in given})
+        return pack([("ok", key) for _, key in given])
+
+
+class _Rows(Sequence[object]):
+    """A ``collections.abc.Sequence`` answer that is neither a list nor a tuple."""
+
+    def __init__(self, values: list[object]) -> None:
+        self._values = values
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    @overload
+    def __getitem__(self, index: int) -> object: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[object]: ...
+
+    def __getitem__(self, index: int | slice) -> object:
+        return self._values[index]
+
+
+# Per-item answers: Exception instances fail only their item (StopIteration
+# reaches its caller as the cause of a RuntimeError); BaseException instances
+# that are not Exceptions are values like any other.
+_ENTRIES: tuple[type[BaseException], ...] = (
+    ItemError,
+    StopIteration,
+    StopAsyncIteration,
+    asyncio.CancelledError,
+    KeyboardInterrupt,
+    SystemExit,
+    GeneratorExit,
+)
+
+
+_VALUES = (asyncio.CancelledError, KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+def _entry(rng: random.Random, key: int) -> BaseException:
+    return rng.choice(_ENTRIES)(key)
+
+
+def _mutate(rng: random.Random, items: list[Item], kept: list[list[Item]]) -> None:
+    how = rng.randrange(6)
+    if how == 0:
+        items.sort(key=lambda it: (-it[1], -it[0]))
+    elif how == 1:
+        rng.shuffle(items)
+    elif how == 2:
+        items.clear()
+    elif how == 3:
+        while items:
+            items.pop()
+    elif how == 4:
+        items.append((-1, -1))
+    else:
+        kept.append(items)
 
 
 configs = st.fixed_dictionaries(
     {
-        "max_size": st.integers(1, 8),
-        "max_wait": st.sampled_from([0.0, 0.05, 0.5]),
+        "max_size": st.sampled_from([1, 1, 2, 3, 5, 8]),
+        "max_wait": st.sampled_from([0.0, 0.05, 0.5, math.inf]),
         "interval": st.sampled_from([None, None, 0.3]),
-        "max_concurrency": st.integers(1, 3),
-        "max_pending": st.sampled_from([None, None, 3, 10]),
+        "max_concurrency": st.sampled_from([1, 2, 3, None]),
+        "max_pending": st.sampled_from([None, None, 1, 3, 10]),
         "overflow": st.sampled_from(["block", "reject", "drop_oldest"]),
         "dedupe": st.booleans(),
         "partitions": st.sampled_from([1, 1, 3]),
-        "timeout": st.sampled_from([None, 1.5]),
-        "retry": st.sampled_from([None, None, 2, 3]),
+        "timeout": st.sampled_from([None, 1.5, math.inf]),
+        "retry": st.sampled_from([None, None, 2, 3, math.inf]),
         "isolate": st.booleans(),
     }
 )
@@ -109,6 +197,7 @@ op = st.one_of(
     ),
     st.tuples(st.just("nowait"), st.integers(0, 5), st.sampled_from([None, None, 0.0, 0.5])),
     st.tuples(st.just("many"), st.lists(st.integers(0, 5), min_size=1, max_size=4)),
+    st.tuples(st.just("put"), st.integers(0, 5), st.booleans()),  # fire-and-forget
     st.tuples(st.just("flush")),
     st.tuples(st.just("close"), st.booleans()),
 )
@@ -157,20 +246,33 @@ async def _scenario(
     if config["retry"] is not None:
         retry = Retry(attempts=config["retry"], backoff=0.05, isolate=config["isolate"])
     partitions = config["partitions"]
-    b: Batcher[Item, Any] = Batcher(
-        world.sink,
-        max_size=config["max_size"],
-        max_wait=config["max_wait"],
-        interval=config["interval"],
-        max_concurrency=config["max_concurrency"],
-        max_pending=config["max_pending"],
-        overflow=config["overflow"],
-        key=lambda it: it[1],
-        dedupe=config["dedupe"],
-        partition=(lambda it: it[1] % partitions) if partitions > 1 else None,
-        timeout=config["timeout"],
-        retry=retry,
-    )
+    reports: list[BatchReport] = []
+    options: dict[str, Any] = {
+        "max_size": config["max_size"],
+        "max_wait": config["max_wait"],
+        "interval": config["interval"],
+        "max_concurrency": config["max_concurrency"],
+        "max_pending": config["max_pending"],
+        "overflow": config["overflow"],
+        "key": lambda it: it[1],
+        "dedupe": config["dedupe"],
+        "partition": (lambda it: it[1] % partitions) if partitions > 1 else None,
+        "timeout": config["timeout"],
+        "retry": retry,
+        "on_batch": reports.append,
+    }
+    try:
+        b: Batcher[Item, Any] = Batcher(world.sink, **options)
+    except ValueError as exc:
+        # Refused only when nothing could ever be dispatched: no deadline and
+        # a batch that cannot fill because room runs out first.
+        message = str(exc)
+        assert options["overflow"] == "drop_oldest", message
+        assert math.isinf(options["max_wait"]), message
+        assert options["interval"] is None, message
+        assert options["max_pending"] < options["max_size"], message
+        options["max_wait"] = 0.5
+        b = Batcher(world.sink, **options)
     ids = iter(range(10**6))
     callers: list[tuple[Item, asyncio.Future[Any]]] = []
     tasks: list[asyncio.Task[Any]] = []
@@ -213,6 +315,16 @@ async def _scenario(
             callers.append((item, fut))
         elif kind == "many":
             tasks.append(asyncio.ensure_future(many(args[0])))
+        elif kind == "put":
+            key, nowait = args
+            item = (next(ids), key)
+            if nowait:
+                try:
+                    b.put_nowait(item)
+                except (QueueFull, BatcherClosed):
+                    continue
+            else:
+                tasks.append(asyncio.ensure_future(b.put(item)))
         elif kind == "flush":
             tasks.append(asyncio.ensure_future(b.flush()))
         else:
@@ -238,8 +350,17 @@ async def _scenario(
         if isinstance(outcome, tuple):
             assert outcome == ("ok", item[1])
             observed_ok += 1
-        elif isinstance(outcome, ItemError):
+        elif isinstance(outcome, ItemError | StopAsyncIteration):
             assert outcome.args == (item[1],)
+        elif isinstance(outcome, RuntimeError):  # a StopIteration entry
+            assert isinstance(outcome.__cause__, StopIteration), outcome
+            assert outcome.__cause__.args == (item[1],)
+        elif isinstance(outcome, _VALUES) and outcome.args not in ((), ("",)):
+            # A BaseException value (a CancelledError, KeyboardInterrupt, ...
+            # instance): a result like any other, this caller's own.
+            assert type(outcome) in _ENTRIES, outcome
+            assert outcome.args == (item[1],)
+            observed_ok += 1
         else:
             assert isinstance(
                 outcome,
@@ -251,6 +372,11 @@ async def _scenario(
                 | asyncio.CancelledError,
             ), outcome
     assert observed_ok <= s.succeeded
+    # each item fails at most once in the on_batch reports (put items too)
+    failed = [item[0] for report in reports for item, _ in report.failed_items]
+    assert len(failed) == len(set(failed)), failed
+    assert len(failed) <= s.failed
+    assert s.peak_pending <= (config["max_pending"] or s.peak_pending)
     # 2. no item twice without retry
     if retry is None:
         sent = [it[0] for call in world.calls for it in call]
