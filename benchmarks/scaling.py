@@ -27,7 +27,7 @@ Paths (``--paths`` takes their keys, comma-separated):
                             in random order
 ``block_admit``             n submitters, ``max_pending=256`` (``block``): each waits in
                             line, then goes in
-``drop_oldest``             ``drop_oldest``, one partition, ``max_pending=n/10``: 0.9n drops
+``drop_oldest``             ``drop_oldest``, one partition, batches of 64, ``max_pending=n/10``
 ``drop_oldest_partitions``  ``drop_oldest`` with every item in its own partition
 ``drop_oldest_withdrawn``   n callers withdrawn (cancelled) in due batches ahead, then n new
                             items, ``max_pending=n/10``: 0.9n drop the oldest
@@ -343,7 +343,8 @@ async def _drop_run(n: int, **options: Any) -> Window:
 
 
 async def p_drop_oldest(n: int) -> Window:
-    return await _drop_run(n, max_size=128)
+    # max_size below the room even at n=1,000, so that batches fill and wait at every n.
+    return await _drop_run(n, max_size=64)
 
 
 async def p_drop_oldest_partitions(n: int) -> Window:
@@ -532,7 +533,9 @@ PATHS: tuple[Path, ...] = (
     Path("expire_pending", "submit(timeout=) runs out, n callers of one batch", p_expire_pending),
     Path("cancel_blocked", "cancel n blocked submitters (random order)", p_cancel_blocked),
     Path("block_admit", "n submitters wait for room (block, max_pending=256)", p_block_admit),
-    Path("drop_oldest", "drop_oldest, one partition, max_pending=n/10", p_drop_oldest),
+    Path(
+        "drop_oldest", "drop_oldest, one partition, batches of 64, max_pending=n/10", p_drop_oldest
+    ),
     Path(
         "drop_oldest_partitions",
         "drop_oldest, n partitions, max_pending=n/10",
