@@ -86,6 +86,7 @@ class _Batch:
         "failed",
         "finished",
         "futs",
+        "gone_callers",
         "in_heads",
         "index",
         "items",
@@ -118,6 +119,7 @@ class _Batch:
         # that left, dropped items); the dispatch sweep releases the rest.
         self.released = 0
         self.left: set[_Fut] | None = None  # callers whose leaving gave the room back
+        self.gone_callers: dict[int, int] | None = None  # dedupe: slot -> callers that left
         self.cursor = 0  # slots before it have no caller left (drop_oldest scans from here)
         # drop_oldest: each slot's arrival number, and whether Batcher._heads has it.
         self.arrivals: list[int] | None = None
@@ -664,17 +666,22 @@ class Batcher(Generic[T, R]):
                 if batch is None:
                     batch = await self._put_when_room(item, fut, None)
                 pairs.append((fut, batch, item))
-            results = await asyncio.gather(*[p[0] for p in pairs], return_exceptions=True)
+            futs = [p[0] for p in pairs]
+            await asyncio.gather(*futs, return_exceptions=True)
         except BaseException:
             for fut, batch, item in pairs:
                 if fut.cancel():
                     self._count_cancelled(batch, fut)
                     self._withdraw(batch, fut, item)
             raise
-        if not return_exceptions:
-            for result in results:
-                if isinstance(result, BaseException):
-                    raise result
+        # Read each future itself: a result may be a BaseException *value*
+        # (only Exception entries fail an item), which gather cannot tell apart.
+        results: list[Any] = []
+        for fut in futs:
+            error = fut.exception()
+            if error is not None and not return_exceptions:
+                raise error
+            results.append(fut.result() if error is None else error)
         return results
 
     def submit_threadsafe(self, item: T) -> concurrent.futures.Future[R]:
@@ -715,7 +722,7 @@ class Batcher(Generic[T, R]):
         Raises:
             RuntimeError: called from another loop than the bound one.
         """
-        if self._loop is None:
+        if self._loop is None or self._left_behind():
             return
         self._check_same_loop()
         for batch in list(self._open.values()):
@@ -749,7 +756,7 @@ class Batcher(Generic[T, R]):
         """
         if self._state is _State.CLOSED:
             return
-        if self._state is _State.IDLE:
+        if self._state is _State.IDLE or self._left_behind():
             self._state = _State.CLOSED
             self._stop_watch()
             return
@@ -891,12 +898,15 @@ class Batcher(Generic[T, R]):
                 self._hot_thread = _get_ident()
             return loop
         if bound is not None:
-            if not bound.is_closed() or self._pending or self._in_flight or self._putters:
+            if not bound.is_closed() or self._in_flight or self._putters or self._stranded():
                 raise RuntimeError(
                     f"{self!r} is bound to another event loop ({bound!r}) that is "
                     "still open or still has its items; a batcher serves one loop: "
                     "create one per loop (e.g. per asyncio.run() or per thread)"
                 )
+            for batch in self._undispatched():  # only callers that left: forget them
+                self._retire(batch)
+                self._release(len(batch.futs) - batch.released)
             self._open.clear()
             self._ready.clear()
             self._waiting.clear()
@@ -912,6 +922,29 @@ class Batcher(Generic[T, R]):
         self._state = _State.RUNNING
         self._watch = LoopWatch(self)
         return loop
+
+    def _stranded(self) -> bool:
+        """Whether an undispatched item still has a caller (or is a ``put`` item)."""
+        for batch in self._waiting:
+            futs = batch.futs
+            for slot in range(len(futs)):
+                if _has_live(futs[slot], _extra_of(batch, slot)):
+                    return True
+        return False
+
+    def _left_behind(self) -> bool:
+        """Bound to a loop that is closed now, holding nothing: the next use may rebind.
+
+        ``flush``/``aclose`` then have nothing to do on the running loop.
+        """
+        loop = self._loop
+        return (
+            loop is not None
+            and loop.is_closed()
+            and not self._in_flight
+            and not self._putters
+            and not self._stranded()
+        )
 
     def _check_same_loop(self) -> None:
         """For ``flush``/``aclose``: the running loop must be the bound one."""
@@ -1225,6 +1258,9 @@ class Batcher(Generic[T, R]):
         self._reasons[batch.reason] = self._reasons.get(batch.reason, 0) + 1
         self._busy += 1
         self._in_flight += len(items)
+        _log.debug(
+            "batcher %r: dispatching %d items (reason %r)", self._name, len(items), batch.reason
+        )
         if self._on_batch is not None or self._observers:
             batch.failed = []
         loop = self._loop
@@ -1623,8 +1659,20 @@ class Batcher(Generic[T, R]):
             # With dedupe the slot keeps its room while another caller waits on it.
             index = item if self._key is None else self._key(item)
             slot = batch.index.get(index)
-            if slot is None or _has_live(batch.futs[slot], _extra_of(batch, slot)):
-                return  # dropped already, or still wanted
+            if slot is None:
+                return  # dropped already
+            extra = _extra_of(batch, slot)
+            if extra:
+                # Count the callers that left rather than scan the slot's
+                # callers each time one leaves: O(1) per caller.
+                gone = batch.gone_callers
+                if gone is None:
+                    gone = batch.gone_callers = {}
+                left = gone[slot] = gone.get(slot, 0) + 1
+                if left <= len(extra):
+                    return  # still wanted (or a caller left without saying so)
+            elif not batch.futs[slot].done():
+                return
             del batch.index[index]  # released once; an equal newcomer takes a new slot
             fut = batch.futs[slot]
         if batch.left is None:
@@ -1751,12 +1799,13 @@ class Batcher(Generic[T, R]):
                 waiter.set_exception(dropped)
                 self._dropped += 1
         futs[slot] = self._gone  # type: ignore[assignment]
-        batch.items[slot] = None  # the sink will never see it: let it go
         if batch.index is not None:
             # Later equal items must not coalesce into the dropped slot.
-            index = batch.index
-            for k in [k for k, s in index.items() if s == slot][:1]:
-                del index[k]
+            item = batch.items[slot]
+            k = item if self._key is None else self._key(item)
+            if batch.index.get(k) == slot:
+                del batch.index[k]
+        batch.items[slot] = None  # the sink will never see it: let it go
         batch.released += 1
         self._release(1)
         self._refused("dropped")

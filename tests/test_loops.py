@@ -1,0 +1,251 @@
+"""Loop, thread and state checks at every entry point (DESIGN: "Every public entry
+point checks its loop (and thread) before it changes state")."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import gc
+import logging
+import math
+import threading
+from typing import Any
+
+import pytest
+
+from asyncbatch import Batcher, BatcherClosed, DataLoader
+
+
+async def echo(items: list[int]) -> list[int]:
+    return items
+
+
+def _forget(holder: list[Any]) -> None:
+    """Drop the last references to what ``holder`` holds and collect it."""
+    holder.clear()
+    gc.collect()
+
+
+def test_plain_path_after_a_loop_closed_with_items_stranded_is_a_clear_error() -> None:
+    # ../shared/cases/faults/batcher_reuse_after_loop_closed_plain_path.py
+    holder = [Batcher(echo, max_wait=0.05)]
+
+    async def first() -> None:
+        b = holder[0]
+        assert await b.submit(1) == 1
+        b.submit_nowait(2)  # left pending at the end of the run
+
+    async def second() -> tuple[str, int, int]:
+        b = holder[0]
+        before = b.stats.pending
+        with pytest.raises(RuntimeError, match="is bound to another event loop") as info:
+            await b.submit(3)
+        with pytest.raises(RuntimeError, match="is bound to another event loop"):
+            await b.submit(4, timeout=1)
+        with pytest.raises(RuntimeError, match="is bound to another event loop"):
+            b.put_nowait(5)
+        return str(info.value), before, b.stats.pending
+
+    asyncio.run(first())
+    message, before, after = asyncio.run(second())
+    assert (before, after) == (1, 1)  # nothing joined the dead batch
+    assert "<Batcher 'echo' [loop closed] pending=1" in message
+    with pytest.warns(ResourceWarning, match="1 pending"):
+        _forget(holder)
+
+
+def test_a_batcher_rebinds_cleanly_when_its_loop_closed_with_nothing_pending() -> None:
+    b = Batcher(echo)
+    for i in range(3):
+        assert asyncio.run(b.submit(i)) == i
+    assert b.stats.succeeded == 3
+
+
+def test_loader_reuse_after_loop_closed_with_a_withdrawn_key() -> None:
+    # ../shared/cases/faults/loader_reuse_after_loop_closed_hang.py
+    calls: list[list[int]] = []
+
+    async def load(keys: list[int]) -> list[int]:
+        calls.append(list(keys))
+        return [k * 2 for k in keys]
+
+    loader = DataLoader(load, max_wait=0.05)
+
+    async def first() -> None:
+        assert await loader.load(1) == 2
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(loader.load(2), 0.001)  # a resolver that times out
+
+    async def second() -> int:
+        return await asyncio.wait_for(loader.load(3), 2)
+
+    asyncio.run(first())
+    assert asyncio.run(second()) == 6
+    assert calls == [[1], [3]]
+
+
+def test_loop_shutdown_with_items_pending_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    async def service() -> Batcher[int, int]:
+        b = Batcher(echo, max_size=1000, max_wait=60)
+        for i in range(10):
+            b.put_nowait(i)
+        return b
+
+    with caplog.at_level(logging.WARNING, logger="asyncbatch"):
+        b = asyncio.run(service())
+    lost = [r for r in caplog.records if r.name == "asyncbatch" and "shutting down" in r.message]
+    assert len(lost) == 1
+    assert "10 pending" in lost[0].getMessage()
+    assert "echo" in lost[0].getMessage()
+    assert "[loop closed]" in repr(b)
+    holder = [b]
+    del b
+    with pytest.warns(ResourceWarning, match="10 pending"):
+        _forget(holder)
+
+
+def test_outside_a_loop_the_error_names_the_batcher_and_asyncio() -> None:
+    # ../shared/cases/friction/outside_a_loop.py
+    b = Batcher(echo, name="orders")
+    for call in (lambda: b.submit_nowait(1), lambda: b.put_nowait(1)):
+        with pytest.raises(RuntimeError, match=r"'orders'.*running asyncio event loop"):
+            call()
+    assert b.stats.pending == 0
+
+
+def test_submit_threadsafe_after_aclose_is_refused_at_the_call() -> None:
+    # ../shared/cases/faults/submit_threadsafe_after_close.py
+    loop = asyncio.new_event_loop()
+    b = Batcher(echo)
+
+    async def use_and_close() -> None:
+        assert await b.submit(1) == 1
+        await b.aclose()
+
+    try:
+        loop.run_until_complete(use_and_close())
+        with pytest.raises(BatcherClosed, match="is closed"):
+            b.submit_threadsafe(2)
+    finally:
+        loop.close()
+
+
+def test_submit_threadsafe_to_a_loop_that_is_not_running_is_refused() -> None:
+    loop = asyncio.new_event_loop()
+    b = Batcher(echo)
+    try:
+        assert loop.run_until_complete(b.submit(1)) == 1
+        with pytest.raises(RuntimeError, match="not bound to a running event loop"):
+            b.submit_threadsafe(2)
+    finally:
+        loop.run_until_complete(b.aclose())
+        loop.close()
+
+
+def test_submit_threadsafe_from_threads_during_close_always_resolves() -> None:
+    outcomes: list[str] = []
+
+    async def main() -> None:
+        b: Batcher[int, int] = Batcher(echo, max_size=8)
+        await b.__aenter__()
+        loop = asyncio.get_running_loop()
+        futs: list[concurrent.futures.Future[int]] = []
+        stop = threading.Event()
+
+        def hammer() -> None:
+            i = 0
+            while not stop.is_set() and i < 2000:
+                try:
+                    futs.append(b.submit_threadsafe(i))
+                except (BatcherClosed, RuntimeError):
+                    outcomes.append("refused")
+                i += 1
+
+        threads = [threading.Thread(target=hammer) for _ in range(3)]
+        for t in threads:
+            t.start()
+        await asyncio.sleep(0.01)
+        await b.aclose()
+        stop.set()
+
+        def join() -> None:
+            for t in threads:
+                t.join()
+
+        await loop.run_in_executor(None, join)
+        await asyncio.sleep(0.05)
+        for fut in futs:
+            try:
+                fut.result(timeout=5)
+                outcomes.append("ok")
+            except BatcherClosed:
+                outcomes.append("closed")
+
+    asyncio.run(main())
+    assert outcomes
+    assert set(outcomes) <= {"ok", "closed", "refused"}
+
+
+async def test_flush_and_aclose_from_another_loop_are_refused() -> None:
+    b = Batcher(echo)
+    assert await b.submit(1) == 1
+
+    def elsewhere() -> list[str]:
+        errors: list[str] = []
+
+        async def other() -> None:
+            for call in (b.flush, b.aclose):
+                try:
+                    await call()
+                except RuntimeError as exc:
+                    errors.append(str(exc))
+
+        asyncio.run(other())
+        return errors
+
+    errors = await asyncio.get_running_loop().run_in_executor(None, elsewhere)
+    assert len(errors) == 2
+    assert all("must run on that loop" in e for e in errors)
+    assert not b.closed
+    await b.aclose()
+
+
+async def test_submit_many_checks_the_loop_before_taking_any_item() -> None:
+    b = Batcher(echo)
+    assert await b.submit(0) == 0
+
+    def elsewhere() -> str:
+        async def other() -> str:
+            try:
+                await b.submit_many([1, 2, 3])
+            except RuntimeError as exc:
+                return str(exc)
+            return "accepted"
+
+        return asyncio.run(other())
+
+    message = await asyncio.get_running_loop().run_in_executor(None, elsewhere)
+    assert "bound to another event loop" in message
+    assert b.stats.pending == 0
+    assert b.stats.submitted == 1
+    await b.aclose()
+
+
+def test_garbage_collected_with_items_pending_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    kept: dict[str, Any] = {}
+
+    async def main() -> None:
+        # No linger timer (an armed timer would keep the batcher alive).
+        b = Batcher(echo, max_size=100, max_wait=math.inf)
+        b.put_nowait(1)
+        b.put_nowait(2)
+        kept["repr"] = repr(b)
+        holder = [b]
+        del b
+        with caplog.at_level(logging.WARNING, logger="asyncbatch"), pytest.warns(ResourceWarning):
+            _forget(holder)
+
+    asyncio.run(main())
+    lost = [r for r in caplog.records if "garbage-collected" in r.getMessage()]
+    assert len(lost) == 1
+    assert "2 pending" in lost[0].getMessage()
