@@ -1177,6 +1177,32 @@ class Batcher(Generic[T, R]):
                     self._seal(batch, "size")
             i = j
 
+    def _answer_pending(self, index: Hashable, value: object) -> None:
+        """Private, for :class:`DataLoader` ``prime``: answer an undispatched key now.
+
+        Every caller of the slot keyed ``index`` (``key(item)``) in a batch not
+        yet dispatched gets ``value`` (an ``Exception`` fails them), counted as
+        usual; the slot gives its room back and leaves the batch's index, so
+        a later load of the key takes a new slot. Needs ``dedupe``.
+        """
+        for batch in list(self._waiting):
+            table = batch.index
+            slot = None if table is None else table.get(index)
+            if slot is None:
+                continue
+            assert table is not None
+            del table[index]
+            extra = _extra_of(batch, slot)
+            futs = [batch.futs[slot]]
+            items = [batch.items[slot]]
+            values = [value]
+            self._deliver(batch, items, futs, [extra] if extra else None, values, None)
+            batch.futs[slot] = self._gone  # type: ignore[assignment]
+            batch.items[slot] = None
+            batch.released += 1
+            self._release(1)
+            self._wake_putters()
+
     def _open_batch(self, pkey: Hashable) -> _Batch:
         loop = self._bind()
         batch = _Batch(pkey, next(self._seq), self._dedupe)

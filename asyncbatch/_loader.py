@@ -398,8 +398,6 @@ class DataLoader(Generic[K, V]):
         # prime() answered before dispatch (the batcher never resolves those).
         self._hits = 0
         self._misses = 0
-        self._primed_ok = 0
-        self._primed_failed = 0
 
     # ----------------------------------------------------------------- loading
 
@@ -722,34 +720,10 @@ class DataLoader(Generic[K, V]):
         return self
 
     def _answer_pending(self, ck: Hashable, value: V | Exception) -> None:
-        """Resolve the loads of ``ck`` waiting in undispatched batches with ``value``.
-
-        The Batcher's undispatched batches (usually one: the open batch) are
-        looked up by cache key, which is the Batcher's ``key``. A resolved
-        future is dropped from its batch when the batch is dispatched, like
-        a withdrawn one; the Batcher does not count it, so ``stats`` adds it
-        to ``succeeded`` or ``failed``. A ``_Key`` resolves its own callers.
-        """
+        """Resolve the loads of ``ck`` waiting in undispatched batches with ``value``."""
         batcher = self._batcher
-        if batcher._loop is not self._loop:
-            return  # its batches (if any) belong to a loop that is gone
-        for batch in list(batcher._waiting):
-            index = batch.index
-            slot = None if not index else index.get(ck)
-            if slot is None:
-                continue
-            futs = [batch.futs[slot]]
-            if batch.extra:
-                futs += batch.extra.get(slot, ())
-            for fut in futs:
-                if fut.done():
-                    continue
-                if isinstance(value, Exception):
-                    fut.set_exception(value)
-                    self._primed_failed += 1
-                else:
-                    fut.set_result(value)
-                    self._primed_ok += 1
+        if batcher._loop is self._loop:  # else its batches belong to a loop that is gone
+            batcher._answer_pending(ck, value)
 
     def clear(self, key: K) -> Self:
         """Drop ``key`` from the cache; the next load asks the batch function.
@@ -813,8 +787,6 @@ class DataLoader(Generic[K, V]):
         stats = self._batcher.stats
         return dataclasses.replace(
             stats,
-            succeeded=stats.succeeded + self._primed_ok,
-            failed=stats.failed + self._primed_failed,
             cache_hits=self._hits,
             cache_misses=self._misses,
         )
