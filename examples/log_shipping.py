@@ -1,6 +1,6 @@
 """Fire-and-forget log shipping with a bounded buffer.
 
-Producers hand each record to the batcher with ``submit_nowait`` and carry on
+Producers hand each record to the batcher with ``put_nowait`` and carry on
 without awaiting; a collector receives the records in batches (one network
 round trip per batch). The pieces that make this safe:
 
@@ -8,12 +8,13 @@ round trip per batch). The pieces that make this safe:
   its first record has waited 50 ms, whichever comes first.
 - ``max_pending`` + ``overflow="drop_oldest"``: at most that many records wait
   in memory. When the collector falls behind, the *oldest* buffered record is
-  dropped (its future fails with ``QueueFull``) instead of blocking producers
-  or letting memory grow without bound.
-- A done callback on every future looks at the outcome. Calling
-  ``future.exception()`` marks a failure as handled, so a record the collector
-  rejected or the buffer dropped never shows up as "Future exception was never
-  retrieved"; it is counted and logged instead.
+  dropped (counted in ``stats.dropped``, and the ``asyncbatch`` logger says so
+  at most once a second) instead of blocking producers or letting memory grow
+  without bound.
+- ``put_nowait`` makes no future per record, so there is nothing to retrieve and
+  nothing asyncio could report as "never retrieved". Outcomes are counted in
+  ``stats``; ``on_batch`` gets each batch's ``failed_items`` (the records the
+  collector refused, with their errors): skip and report.
 - ``await batcher.aclose()`` at shutdown stops intake and ships everything still
   buffered, so nothing accepted is lost.
 
@@ -24,10 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
 from dataclasses import dataclass
 
-from asyncbatch import Batcher, QueueFull
+from asyncbatch import Batcher, BatchReport
 
 log = logging.getLogger("log_shipping")
 
@@ -66,36 +66,25 @@ class Collector:
         return verdicts
 
 
-class Outcomes:
-    """Done callback for every record's future: counts and logs what happened."""
+class Refusals:
+    """``on_batch``: the skip-and-report list of every batch, once per batch."""
 
     def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
+        self.count = 0
 
-    def __call__(self, future: asyncio.Future[None]) -> None:
-        if future.cancelled():
-            self.counts["cancelled"] += 1
-            return
-        error = future.exception()  # retrieving it marks the failure as handled
-        if error is None:
-            self.counts["shipped"] += 1
-        elif isinstance(error, QueueFull):
-            self.counts["dropped"] += 1  # a real shipper exports this as a metric
-        else:
-            self.counts["refused"] += 1
-            log.warning("log record not shipped: %s", error)
+    def __call__(self, report: BatchReport) -> None:
+        for record, error in report.failed_items:
+            self.count += 1
+            log.warning("log record %s/%d not shipped: %s", record.source, record.seq, error)
 
 
-async def produce(
-    batcher: Batcher[LogRecord, None], source: str, count: int, outcomes: Outcomes
-) -> None:
+async def produce(batcher: Batcher[LogRecord, None], source: str, count: int) -> None:
     """An application task that logs as it works and never waits for shipping."""
     for seq in range(count):
         message = f"{source} handled request {seq}"
         if seq % 500 == 499:
             message += " " + "x" * MAX_RECORD_BYTES  # now and then, an oversized record
-        future = batcher.submit_nowait(LogRecord(source, seq, "INFO", message))
-        future.add_done_callback(outcomes)
+        batcher.put_nowait(LogRecord(source, seq, "INFO", message))
         if seq % 50 == 49:
             await asyncio.sleep(0.001)  # the application's own work
 
@@ -122,7 +111,7 @@ async def main(
     latency: float = 0.02,
 ) -> ShippingReport:
     collector = Collector(latency)
-    outcomes = Outcomes()
+    refusals = Refusals()
     batcher: Batcher[LogRecord, None] = Batcher(
         collector.ship,
         max_size=200,
@@ -130,12 +119,13 @@ async def main(
         max_concurrency=2,
         max_pending=max_pending,
         overflow="drop_oldest",
+        on_batch=refusals,
         name="log-shipper",
     )
     try:
         async with asyncio.TaskGroup() as tg:
             for p in range(producers):
-                tg.create_task(produce(batcher, f"worker-{p}", records_per_producer, outcomes))
+                tg.create_task(produce(batcher, f"worker-{p}", records_per_producer))
     finally:
         # Shutdown: no new records; everything buffered is shipped before we go on.
         await batcher.aclose()
@@ -144,8 +134,8 @@ async def main(
         produced=producers * records_per_producer,
         shipped=len(collector.received),
         batches=collector.batches,
-        refused=outcomes.counts["refused"],
-        dropped=outcomes.counts["dropped"],
+        refused=refusals.count,
+        dropped=batcher.stats.dropped,
         peak_pending=batcher.stats.peak_pending,
     )
     print(
