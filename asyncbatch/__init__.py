@@ -3,6 +3,9 @@
 Layout (public names are re-exported here; everything else is private):
 
 - ``_batcher``     Batcher: accumulation, the dispatch rule, sink calls
+- ``_concurrency`` how many sink calls at once: the Adaptive policy
+- ``_observe``     hooks for integrations (per batch, never per item)
+- ``_loopwatch``   noticing that the bound loop shuts down
 - ``_timers``      linger deadlines and the heartbeat grid
 - ``_results``     mapping a sink's answer back onto items
 - ``_retry``       Retry, Retryable: which failures are retried, after how long
@@ -17,6 +20,7 @@ Layout (public names are re-exported here; everything else is private):
 from ._batcher import Batcher as Batcher
 from ._batcher import Overflow as Overflow
 from ._batcher import SinkResult as SinkResult
+from ._concurrency import Adaptive as Adaptive
 from ._decorator import BatchedFunction as BatchedFunction
 from ._decorator import BatchedMethod as BatchedMethod
 from ._decorator import BatchOptions as BatchOptions
@@ -39,6 +43,7 @@ from ._stream import chunks as chunks
 __version__ = "0.1.0"
 
 __all__ = [
+    "Adaptive",
     "AsyncBatchError",
     "BatchLoadFn",
     "BatchOptions",

@@ -29,13 +29,14 @@ from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any, Generic, Literal, Self, TypeAlias, TypeVar, overload
 
+from ._concurrency import Adaptive, BatchSample
 from ._exceptions import BatcherClosed, QueueFull
 from ._loopwatch import LoopWatch
 from ._observe import MAX_LINKS, Observer, SinkCall
 from ._results import answer_values
 from ._retry import Retry, Retryable
 from ._stats import BatcherStats, BatchReport, DispatchReason
-from ._timers import Deadlines
+from ._timers import Deadlines, next_tick
 
 __all__ = ["Batcher", "Overflow", "SinkResult"]
 
@@ -56,6 +57,15 @@ _IN_SINK: contextvars.ContextVar[Batcher[Any, Any] | None] = contextvars.Context
 )
 _done = asyncio.Future.done
 _get_ident = threading.get_ident
+
+
+class _Unset(enum.Enum):
+    """``configure``'s "not given" (``None`` means something for several options)."""
+
+    UNSET = "unset"
+
+
+_UNSET = _Unset.UNSET
 
 
 class _State(enum.Enum):
@@ -93,6 +103,7 @@ class _Batch:
         "left",
         "on_done",
         "opened",
+        "overloaded",
         "partition",
         "reason",
         "released",
@@ -120,6 +131,7 @@ class _Batch:
         self.released = 0
         self.left: set[_Fut] | None = None  # callers whose leaving gave the room back
         self.gone_callers: dict[int, int] | None = None  # dedupe: slot -> callers that left
+        self.overloaded = False  # the backend signalled overload (for an Adaptive limit)
         self.cursor = 0  # slots before it have no caller left (drop_oldest scans from here)
         # drop_oldest: each slot's arrival number, and whether Batcher._heads has it.
         self.arrivals: list[int] | None = None
@@ -243,6 +255,7 @@ class Batcher(Generic[T, R]):
         "_pending",
         "_plain",
         "_plain_keyed",
+        "_policy",
         "_putters",
         "_ready",
         "_reasons",
@@ -275,7 +288,7 @@ class Batcher(Generic[T, R]):
         interval: float | None = None,
         max_weight: float | None = None,
         weigh: Callable[[T], float] | None = None,
-        max_concurrency: int | None = 1,
+        max_concurrency: int | Adaptive | Literal["auto"] | None = 1,
         max_pending: int | None = None,
         overflow: Overflow = "block",
         key: Callable[[T], Hashable] | None = None,
@@ -288,8 +301,7 @@ class Batcher(Generic[T, R]):
     ) -> None:
         _check_sink(sink)
         _check_int("max_size", max_size, 1)
-        if max_concurrency is not None:
-            _check_int("max_concurrency", max_concurrency, 1)
+        policy, limit = _concurrency(max_concurrency)
         if max_pending is not None:
             _check_int("max_pending", max_pending, 1)
         if interval is not None:
@@ -337,7 +349,8 @@ class Batcher(Generic[T, R]):
         self._max_weight = math.inf if max_weight is None else max_weight
         self._weigh = weigh
         # None (no limit) is kept as infinity: the slot test stays one comparison.
-        self._max_concurrency: float = math.inf if max_concurrency is None else max_concurrency
+        self._max_concurrency: float = limit
+        self._policy: Adaptive | None = policy
         self._max_pending = max_pending
         self._overflow = overflow
         self._key = key
@@ -802,6 +815,145 @@ class Batcher(Generic[T, R]):
             self._state = _State.CLOSED
             self._stop_watch()
             self._closing.set_result(None)
+
+    def configure(
+        self,
+        *,
+        max_size: int | _Unset = _UNSET,
+        max_wait: float | _Unset | None = _UNSET,
+        interval: float | _Unset | None = _UNSET,
+        max_weight: float | _Unset | None = _UNSET,
+        max_concurrency: int | Adaptive | Literal["auto"] | _Unset | None = _UNSET,
+        max_pending: int | _Unset | None = _UNSET,
+        timeout: float | _Unset | None = _UNSET,
+    ) -> None:
+        """Change settings at run time, safely, while items flow; any subset.
+
+        Each value is checked as the constructor checks it, all of them
+        before any is applied. The effects are immediate:
+
+        - ``max_concurrency``: more slots start waiting due batches now;
+          fewer let the calls in flight finish (no new one starts until the
+          count is under the limit). An :class:`Adaptive` policy (or
+          ``"auto"``) takes over the limit from its ``min``.
+        - ``max_size``/``max_weight``: open batches that are now full are
+          sealed (reason ``"size"``/``"weight"``); a batch that holds more
+          than the new limit is handed to the sink in consecutive calls
+          within the limit, one after the other in its dispatch slot.
+        - ``max_wait``/``interval``: the deadlines of open batches are
+          recomputed from their first item's time; one already past makes
+          its batch due now. The heartbeat grid keeps its origin.
+        - ``max_pending``: more room (or ``None``) wakes blocked submitters;
+          less room applies to the next submits (nothing accepted is dropped).
+        - ``timeout``: applies to sink calls that start from now on.
+
+        Raises:
+            TypeError, ValueError: a value the constructor would refuse;
+                nothing is changed then.
+            BatcherClosed: the batcher is closed.
+        """
+        if self.closed:
+            raise BatcherClosed(f"{self!r} is closed; it cannot be reconfigured")
+        new_size = self._max_size if isinstance(max_size, _Unset) else max_size
+        _check_int("max_size", new_size, 1)
+        policy, limit = self._policy, self._max_concurrency
+        if not isinstance(max_concurrency, _Unset):
+            policy, limit = _concurrency(max_concurrency)
+        pending = self._max_pending
+        if not isinstance(max_pending, _Unset):
+            if max_pending is not None:
+                _check_int("max_pending", max_pending, 1)
+            pending = max_pending
+        wait, tick = self._deadlines.max_wait, self._deadlines.interval
+        if not isinstance(interval, _Unset):
+            if interval is not None:
+                _check_number("interval", interval, positive=True, infinite=False)
+            tick = interval
+        if not isinstance(max_wait, _Unset):
+            if max_wait is not None:
+                _check_number("max_wait", max_wait, positive=False, infinite=True)
+            wait = None if max_wait is None or math.isinf(max_wait) else max_wait
+        elif tick is None and wait is None and not isinstance(interval, _Unset):
+            wait = 0.0  # no heartbeat left and no linger given: the default, 0
+        weight = self._max_weight
+        if not isinstance(max_weight, _Unset):
+            if max_weight is not None:
+                _check_number("max_weight", max_weight, positive=True, infinite=True)
+                if self._weigh is None:
+                    raise ValueError("max_weight needs weigh=, given to the constructor")
+            weight = math.inf if max_weight is None else max_weight
+        call_timeout = self._timeout
+        if not isinstance(timeout, _Unset):
+            if timeout is not None:
+                _check_number("timeout", timeout, positive=True, infinite=True)
+            call_timeout = None if timeout is None or math.isinf(timeout) else timeout
+        if (
+            self._overflow == "drop_oldest"
+            and pending is not None
+            and pending < new_size
+            and weight == math.inf
+            and wait is None
+            and tick is None
+        ):
+            raise ValueError(
+                f"max_pending={pending} < max_size={new_size} with overflow='drop_oldest' "
+                "and no max_wait or interval: a batch could never fill and has no deadline"
+            )
+
+        # Everything checked: apply.
+        self._max_size = new_size
+        self._max_weight = weight
+        self._timeout = call_timeout
+        self._policy, self._max_concurrency = policy, limit
+        more_room = pending is None or (
+            self._max_pending is not None and pending > self._max_pending
+        )
+        self._max_pending = pending
+        self._choose_paths()
+        timing = (wait, tick) != (self._deadlines.max_wait, self._deadlines.interval)
+        self._deadlines.max_wait, self._deadlines.interval = wait, tick
+        self._soon = wait == 0 and tick is None
+        if self._loop is None:
+            return
+        for batch in list(self._open.values()):
+            if len(batch.items) >= new_size:
+                self._seal(batch, "size")
+            elif self._weigh is not None and batch.items and batch.weight >= weight:
+                self._seal(batch, "weight")
+            elif timing and batch.reason is None:
+                self._rearm(batch)
+        if more_room:
+            if pending is None:
+                while self._putters:  # no bound any more: everyone in line gets in
+                    putter, _ = self._putters.popitem(last=False)
+                    if not putter.done():
+                        putter.set_result(None)
+                        self._reserved += 1
+            else:
+                self._wake_putters()
+        elif pending is not None and self._pending >= pending and self._overflow != "drop_oldest":
+            self._room_ran_out()
+        self._pump()
+
+    def _rearm(self, batch: _Batch) -> None:
+        """Arm an open batch's timer again under new timing settings."""
+        loop = self._loop
+        assert loop is not None
+        if batch.timer is not None:
+            batch.timer.cancel()
+            batch.timer = None
+        if self._soon:
+            batch.timer = loop.call_soon(self._on_timer, batch, "wait")
+            return
+        deadline = self._deadlines.first(batch.opened)
+        if deadline is None:
+            return
+        when, tick = deadline
+        reason: DispatchReason = "interval" if tick else "wait"
+        if tick and when <= loop.time():
+            # The grid point after the first item passed: the next one to come.
+            when = next_tick(self._deadlines.t0, self._deadlines.interval or 1.0, loop.time())
+        batch.timer = loop.call_at(when, self._on_timer, batch, reason)
 
     async def __aenter__(self) -> Self:
         """Bind to the running loop; ``async with`` closes (drains) on exit."""
@@ -1358,55 +1510,10 @@ class Batcher(Generic[T, R]):
         assert loop is not None
         start = loop.time()
         size = len(items)
-        retry = self._retry
-        attempts = 0
         error: BaseException | None = None
         try:
-            while True:
-                attempts += 1
-                try:
-                    values = await self._call(batch, items)
-                except Exception as exc:
-                    final = isinstance(exc, _SinkMisuse)
-                    if (
-                        not final
-                        and retry is not None
-                        and attempts < retry.attempts
-                        and retry.retries(exc)
-                    ):
-                        delay = retry.delay(attempts, exc)
-                        self._retried(attempts, delay, exc)
-                        await asyncio.sleep(delay)
-                        items, futs, extra = self._live(batch, items, futs, extra)
-                        if items:
-                            continue
-                        break
-                    if not final and retry is not None and retry.isolate and len(items) > 1:
-                        error = await self._isolate(batch, items, futs, extra, exc)
-                    else:
-                        error = exc
-                        self._deliver(batch, items, futs, extra, None, exc)
-                else:
-                    again: list[int] | None = None
-                    if retry is not None and attempts < retry.attempts:
-                        again = []
-                    self._deliver(batch, items, futs, extra, values, None, again)
-                    if again:
-                        assert retry is not None
-                        # Items the sink marked Retryable go again, on their own,
-                        # after the backoff (or the longest retry_after among them).
-                        delay = max(retry.delay(attempts, values[i]) for i in again)
-                        self._retried(attempts, delay, values[again[0]])
-                        await asyncio.sleep(delay)
-                        items, futs, extra = self._live(
-                            batch,
-                            [items[i] for i in again],
-                            [futs[i] for i in again],
-                            [extra[i] for i in again] if extra is not None else None,
-                        )
-                        if items:
-                            continue
-                break
+            for part in self._parts(batch, items, futs, extra):
+                error = await self._run_part(batch, *part) or error
         except asyncio.CancelledError:
             closed = self._call_cancelled()
             error = closed
@@ -1418,6 +1525,103 @@ class Batcher(Generic[T, R]):
             raise
         finally:
             self._finish(batch, size, start, error)
+
+    def _parts(
+        self,
+        batch: _Batch,
+        items: list[Any],
+        futs: list[_Fut],
+        extra: list[list[_Fut]] | None,
+    ) -> list[tuple[list[Any], list[_Fut], list[list[_Fut]] | None]]:
+        """The sink calls of one batch: one, unless ``configure`` lowered a limit
+        after the batch filled; then consecutive parts within the new limits,
+        run one after the other in this dispatch slot."""
+        n = len(items)
+        by_weight = self._weigh is not None and batch.weight > self._max_weight
+        if n <= self._max_size and not by_weight:
+            return [(items, futs, extra)]
+        bounds: list[int] = []
+        weight: float = 0
+        count = 0
+        weigh = self._weigh
+        for i, item in enumerate(items):
+            w = weigh(item) if by_weight and weigh is not None else 0
+            if count and (count >= self._max_size or weight + w > self._max_weight):
+                bounds.append(i)
+                weight = count = 0
+            weight += w
+            count += 1
+        edges = [0, *bounds, n]
+        return [
+            (
+                items[lo:hi],
+                futs[lo:hi],
+                extra[lo:hi] if extra is not None else None,
+            )
+            for lo, hi in itertools.pairwise(edges)
+        ]
+
+    async def _run_part(
+        self,
+        batch: _Batch,
+        items: list[Any],
+        futs: list[_Fut],
+        extra: list[list[_Fut]] | None,
+    ) -> BaseException | None:
+        """One sink call and its retries (and isolation); the error it ends with, if any."""
+        retry = self._retry
+        attempts = 0
+        error: BaseException | None = None
+        while True:
+            attempts += 1
+            try:
+                values = await self._call(batch, items)
+            except Exception as exc:
+                if _overload(exc):
+                    batch.overloaded = True
+                final = isinstance(exc, _SinkMisuse)
+                if (
+                    not final
+                    and retry is not None
+                    and attempts < retry.attempts
+                    and retry.retries(exc)
+                ):
+                    delay = retry.delay(attempts, exc)
+                    self._retried(attempts, delay, exc)
+                    await asyncio.sleep(delay)
+                    items, futs, extra = self._live(batch, items, futs, extra)
+                    if items:
+                        continue
+                    break
+                if not final and retry is not None and retry.isolate and len(items) > 1:
+                    error = await self._isolate(batch, items, futs, extra, exc)
+                else:
+                    error = exc
+                    self._deliver(batch, items, futs, extra, None, exc)
+            else:
+                again: list[int] | None = None
+                if retry is not None and attempts < retry.attempts:
+                    again = []
+                self._deliver(batch, items, futs, extra, values, None, again)
+                if again:
+                    assert retry is not None
+                    if any(_overload(values[i]) for i in again):
+                        batch.overloaded = True
+                    # Items the sink marked Retryable go again, on their own,
+                    # after the backoff (or the longest retry_after among them).
+                    delay = max(retry.delay(attempts, values[i]) for i in again)
+                    self._retried(attempts, delay, values[again[0]])
+                    await asyncio.sleep(delay)
+                    items, futs, extra = self._live(
+                        batch,
+                        [items[i] for i in again],
+                        [futs[i] for i in again],
+                        [extra[i] for i in again] if extra is not None else None,
+                    )
+                    if items:
+                        continue
+            return error
+        return error  # every caller left while the batch waited for a retry
 
     def _retried(self, attempt: int, delay: float, exc: BaseException) -> None:
         self._retries += 1
@@ -1626,6 +1830,22 @@ class Batcher(Generic[T, R]):
         loop = self._loop
         assert loop is not None
         batch.finished = True
+        policy = self._policy
+        if policy is not None:
+            now = loop.time()
+            # Items arrived between the batch's first item and its dispatch:
+            # on average they waited half that, then the sink time.
+            sample = BatchSample(
+                now=now,
+                size=size,
+                latency=(start - batch.opened) / 2 + (now - start),
+                duration=now - start,
+                in_flight=self._busy,
+                overloaded=batch.overloaded,
+            )
+            limit = self._notify("concurrency policy", functools.partial(policy.on_batch, sample))
+            if isinstance(limit, int) and not isinstance(limit, bool):
+                self._max_concurrency = max(1, limit)
         self._busy -= 1
         self._in_flight -= size
         self._inflight.pop(batch, None)
@@ -2015,6 +2235,11 @@ class _Discard(asyncio.Future[Any]):
         pass
 
 
+def _overload(exc: object) -> bool:
+    """An overload signal: a timeout, or an error that says when to come back."""
+    return isinstance(exc, TimeoutError) or getattr(exc, "retry_after", None) is not None
+
+
 def _fail(fut: _Fut, error: BaseException) -> None:
     """``fut.set_exception(error)``, for any exception a sink may hand back.
 
@@ -2059,6 +2284,23 @@ def _extra_list(batch: _Batch) -> list[list[_Fut]] | None:
         return None
     extra = batch.extra
     return [extra.get(i, []) for i in range(len(batch.items))]
+
+
+def _concurrency(value: object) -> tuple[Adaptive | None, float]:
+    """``max_concurrency`` as (policy, limit now): an int, ``None``, ``Adaptive`` or "auto"."""
+    if value is None:
+        return None, math.inf
+    if value == "auto":
+        value = Adaptive()
+    if isinstance(value, Adaptive):
+        return value, value.limit
+    if isinstance(value, str):
+        raise ValueError(
+            f"max_concurrency must be an int, None, Adaptive(...) or 'auto', got {value!r}"
+        )
+    _check_int("max_concurrency", value, 1)
+    assert isinstance(value, int)
+    return None, value
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:

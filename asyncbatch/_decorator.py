@@ -33,7 +33,8 @@ import weakref
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any, Generic, Literal, Self, TypedDict, TypeVar, Unpack, overload
 
-from ._batcher import Batcher, Overflow
+from ._batcher import _UNSET, Batcher, Overflow, _Unset
+from ._concurrency import Adaptive
 from ._observe import Observer
 from ._retry import Retry
 from ._stats import BatcherStats, BatchReport
@@ -62,7 +63,7 @@ class BatchOptions(TypedDict, total=False):
     interval: float | None
     max_weight: float | None
     weigh: Callable[[Any], float] | None
-    max_concurrency: int
+    max_concurrency: int | Adaptive | Literal["auto"] | None
     max_pending: int | None
     overflow: Overflow
     key: Callable[[Any], Hashable] | None
@@ -98,7 +99,7 @@ class _Batchers(Generic[_T, _R]):
     ``_live`` is always open.
     """
 
-    __slots__ = ("_closed", "_latest", "_live", "_make", "_observers", "name")
+    __slots__ = ("_closed", "_latest", "_live", "_make", "_observers", "_settings", "name")
 
     def __init__(self, make: Callable[[], Batcher[_T, _R]], name: str) -> None:
         self._make = make
@@ -107,6 +108,14 @@ class _Batchers(Generic[_T, _R]):
         self._closed: dict[asyncio.AbstractEventLoop, Batcher[_T, _R]] = {}
         self._latest: Batcher[_T, _R] | None = None
         self._observers: list[Observer] = []
+        self._settings: dict[str, Any] = {}  # configure()d since the decoration
+
+    def configure(self, changes: dict[str, Any]) -> None:
+        """Apply ``changes`` to every open batcher and to those made from now on."""
+        self._make(**{**self._settings, **changes})  # checked as the constructor checks them
+        self._settings.update(changes)
+        for batcher in list(self._live.values()):
+            batcher.configure(**changes)
 
     def attach(self, observer: Observer) -> None:
         """Watch every batcher of this sink, those to come included."""
@@ -137,7 +146,7 @@ class _Batchers(Generic[_T, _R]):
             for other in [other for other in list(table) if other.is_closed()]:
                 table.pop(other, None)
         self._closed.pop(loop, None)
-        batcher = self._make()
+        batcher = self._make(**self._settings)
         for observer in self._observers:
             batcher._attach(observer)
         self._live[loop] = batcher
@@ -256,6 +265,35 @@ class _Wrapper(Generic[_T, _R]):
     def name(self) -> str:
         """The name of its batchers: ``name=`` or the batch function's qualified name."""
         return self._state.name
+
+    def configure(
+        self,
+        *,
+        max_size: int | _Unset = _UNSET,
+        max_wait: float | _Unset | None = _UNSET,
+        interval: float | _Unset | None = _UNSET,
+        max_weight: float | _Unset | None = _UNSET,
+        max_concurrency: int | Adaptive | Literal["auto"] | _Unset | None = _UNSET,
+        max_pending: int | _Unset | None = _UNSET,
+        timeout: float | _Unset | None = _UNSET,
+    ) -> None:
+        """:meth:`Batcher.configure` for every batcher of this function (or bound
+        method), the ones of other loops and those made later included.
+
+        Raises:
+            TypeError, ValueError: a value the constructor would refuse;
+                nothing is changed then.
+        """
+        given = {
+            "max_size": max_size,
+            "max_wait": max_wait,
+            "interval": interval,
+            "max_weight": max_weight,
+            "max_concurrency": max_concurrency,
+            "max_pending": max_pending,
+            "timeout": timeout,
+        }
+        self._state.configure({k: v for k, v in given.items() if not isinstance(v, _Unset)})
 
     def _attach(self, observer: Observer) -> None:
         self._state.attach(observer)

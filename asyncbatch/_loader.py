@@ -44,7 +44,8 @@ from collections.abc import (
 )
 from typing import Any, Generic, Literal, Self, TypeAlias, TypedDict, TypeVar, Unpack, overload
 
-from ._batcher import Batcher
+from ._batcher import _UNSET, Batcher, _Unset
+from ._concurrency import Adaptive
 from ._exceptions import BatcherClosed, ResultMismatch
 from ._observe import Observer
 from ._results import describe
@@ -73,7 +74,7 @@ class LoaderOptions(TypedDict, total=False):
     interval: float | None
     max_weight: float | None
     weigh: Callable[[Any], float] | None
-    max_concurrency: int | None
+    max_concurrency: int | Adaptive | Literal["auto"] | None
     max_pending: int | None
     overflow: Literal["block", "reject", "drop_oldest"]
     partition: Callable[[Any], Hashable] | None
@@ -795,6 +796,37 @@ class DataLoader(Generic[K, V]):
     def closed(self) -> bool:
         """True once :meth:`aclose` has started."""
         return self._batcher.closed
+
+    def configure(
+        self,
+        *,
+        max_batch_size: int | _Unset = _UNSET,
+        max_wait: float | _Unset | None = _UNSET,
+        interval: float | _Unset | None = _UNSET,
+        max_weight: float | _Unset | None = _UNSET,
+        max_concurrency: int | Adaptive | Literal["auto"] | _Unset | None = _UNSET,
+        max_pending: int | _Unset | None = _UNSET,
+        timeout: float | _Unset | None = _UNSET,
+    ) -> None:
+        """:meth:`Batcher.configure` for the loader's batcher, at once and safely.
+
+        ``max_batch_size`` is the loader's name for ``max_size``; the other
+        options are the Batcher's.
+
+        Raises:
+            TypeError, ValueError: a value the constructor would refuse;
+                nothing is changed then.
+            BatcherClosed: the loader is closed.
+        """
+        self._batcher.configure(
+            max_size=max_batch_size,
+            max_wait=max_wait,
+            interval=interval,
+            max_weight=max_weight,
+            max_concurrency=max_concurrency,
+            max_pending=max_pending,
+            timeout=timeout,
+        )
 
     def _attach(self, observer: Observer) -> None:
         self._batcher._attach(observer)
