@@ -16,6 +16,8 @@ item, and applies the limit it returns.
 
 from __future__ import annotations
 
+import builtins
+import math
 from dataclasses import dataclass
 
 __all__ = ["Adaptive", "BatchSample"]
@@ -49,27 +51,310 @@ class BatchSample:
 class Adaptive:
     """Tune the number of sink calls in flight from measured latency, within ``[min, max]``.
 
-    Placeholder: the algorithm is being written (issue 13). It keeps the
-    limit at ``min``.
+    The rule: hill climbing on the mean per-item latency (submit to result),
+    with a multiplicative cut on overload signals. Latency is measured in
+    *windows*: the batches dispatched under the limit now in force (a batch
+    that started under an earlier limit says nothing about this one), at
+    least ``window`` rounds of ``limit`` batches each. After each window:
+
+    - **search**: from the best limit known so far, try the next one in the
+      search's direction; a try whose mean latency is lower by more than
+      ``tolerance`` (a fraction: ``0.05`` = 5 %) becomes the best and the
+      step doubles (1, 2, 4, ...: slow start); a try that is not better sends
+      the search back to the best with a step of 1, and a step of 1 that is
+      not better ends the search at the best: the limit *holds* there. Equal
+      latency (within ``tolerance``) counts as not better, so on a plateau the
+      smaller limit wins. A search that begins because latency got worse at a
+      held limit first tries one lower, then one higher.
+    - **hold**: keep the limit and watch the latency at it. If it moves by more
+      than twice ``tolerance`` from its reference (an average of the windows held),
+      the backend or the load changed: search again, downwards when it got
+      worse, upwards when it got better. Every ``probe_every`` windows the hold
+      tries one more slot (a capacity that grew shows no other sign: latency at
+      a limit the backend serves anyway does not change).
+    - **overload**: a batch that started under the limit now in force and
+      reports ``overloaded`` (a sink timeout, or an error carrying
+      ``retry_after``) cuts the limit to ``floor(limit * backoff)`` (at least
+      one less, never below ``min``); the limit that overloaded becomes a
+      ceiling that the search stays under for ``cooldown`` seconds, and a new
+      search starts upwards from the cut. Samples from batches started before
+      the cut cannot cut again (one cut per round trip, as TCP does).
+    - the limit only rises when it was reached in the window (the most calls
+      in flight equalled it): a limit the load does not use tells nothing.
+
+    Sources: TensorFlow Serving's ``AdaptiveSharedBatchScheduler`` (hill
+    climbing on batch latency averaged over a number of batches, the step
+    doubling while latency keeps improving and reversing when it does not)
+    and Netflix's concurrency-limits (``AIMDLimit``: a multiplicative cut on a
+    drop, no increase while the limit is not used). The hold with periodic
+    one-slot probes and the ceiling after an overload are ours: they keep the
+    probing (whose latency the callers pay) to a small share of the time.
+
+    What resets it: an overload restarts the search from the cut; a latency
+    change at a held limit restarts it from there; the ceiling lapses after
+    ``cooldown`` seconds. Nothing else is remembered: a new ``Adaptive``
+    starts at ``min`` with an upward search.
+
+    Units: ``latency``, ``now`` and ``cooldown`` are seconds (``loop.time()``).
+    One ``Adaptive`` serves one Batcher: it keeps that Batcher's state.
+
+    Args:
+        min: the lowest limit, and the first one (``>= 1``).
+        max: the highest limit (``>= min``).
+        tolerance: the relative latency change that counts as a change
+            (``0 <= tolerance < 1``); smaller reacts to finer differences and
+            to more noise.
+        window: rounds per window (``>= 1``): a window ends after
+            ``window * max(limit, 4)`` measured batches.
+        backoff: the factor of the cut on overload (``0 < backoff < 1``).
+        cooldown: seconds the limit that overloaded stays out of reach
+            (``>= 0``).
+        probe_every: held windows between one-slot probes upwards (``>= 1``).
+
+    Attributes:
+        limit: the limit now in force (sink calls at once).
+        min, max: the bounds.
     """
 
-    __slots__ = ("limit", "max", "min")
+    __slots__ = (
+        "_base",
+        "_batches",
+        "_ceiling",
+        "_ceiling_until",
+        "_direction",
+        "_early_items",
+        "_early_sum",
+        "_gap",
+        "_held",
+        "_improved",
+        "_late_items",
+        "_late_sum",
+        "_may_reverse",
+        "_peak",
+        "_phase",
+        "_reference",
+        "_since",
+        "_step",
+        "_unsettled",
+        "backoff",
+        "cooldown",
+        "limit",
+        "max",
+        "min",
+        "probe_every",
+        "tolerance",
+        "window",
+    )
 
-    def __init__(self, min: int = 1, max: int = 64) -> None:
-        for name, value in (("min", min), ("max", max)):
+    def __init__(
+        self,
+        min: int = 1,  # DESIGN.md names them so
+        max: int = 64,
+        *,
+        tolerance: float = 0.05,
+        window: int = 2,
+        backoff: float = 0.75,
+        cooldown: float = 5.0,
+        probe_every: int = 8,
+    ) -> None:
+        for name, value in (
+            ("min", min),
+            ("max", max),
+            ("window", window),
+            ("probe_every", probe_every),
+        ):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"Adaptive.{name} must be an int, got {value!r}")
             if value < 1:
                 raise ValueError(f"Adaptive.{name} must be >= 1, got {value!r}")
         if max < min:
             raise ValueError(f"Adaptive.max must be >= min, got min={min}, max={max}")
+        for name, number, low, high in (
+            ("tolerance", tolerance, 0.0, 1.0),
+            ("backoff", backoff, 0.0, 1.0),
+            ("cooldown", cooldown, 0.0, math.inf),
+        ):
+            if isinstance(number, bool) or not isinstance(number, int | float):
+                raise TypeError(f"Adaptive.{name} must be a number, got {number!r}")
+            if not low <= number < high or (name == "backoff" and number == 0):
+                bounds = "> 0 and < 1" if name == "backoff" else f">= {low} and < {high}"
+                raise ValueError(f"Adaptive.{name} must be {bounds}, got {number!r}")
         self.min = min
         self.max = max
+        self.tolerance = float(tolerance)
+        self.window = window
+        self.backoff = float(backoff)
+        self.cooldown = float(cooldown)
+        self.probe_every = probe_every
         self.limit = min
+        self._since = -math.inf  # loop time of the last change: older batches are stale
+        self._ceiling = max + 1  # limits >= it are out of reach until _ceiling_until
+        self._ceiling_until = -math.inf
+        # The window: sums of latency * size and items, in its two halves.
+        self._early_sum = self._late_sum = 0.0
+        self._early_items = self._late_items = 0
+        self._batches = 0
+        self._peak = 0  # most calls in flight seen in the window
+        self._unsettled = 0  # windows measured again in a row because latency still rose
+        # search: the best (limit, latency) so far, direction, step; hold: reference
+        self._phase = _SEARCH
+        self._base: tuple[int, float] | None = None
+        self._direction = 1
+        self._step = 1
+        self._improved = False
+        self._gap = False
+        self._may_reverse = False
+        self._reference = 0.0
+        self._held = 0
 
     def on_batch(self, sample: BatchSample) -> int:
         """Take one batch's sample; return the limit now in force."""
+        if sample.now - sample.duration < self._since:
+            return self.limit  # started under an earlier limit
+        if sample.overloaded:
+            self._overloaded(sample.now)
+            return self.limit
+        self._batches += 1
+        # The window's two halves are kept apart to see whether it settled.
+        if self._batches * 2 <= self._window_batches():
+            self._early_sum += sample.latency * sample.size
+            self._early_items += sample.size
+        else:
+            self._late_sum += sample.latency * sample.size
+            self._late_items += sample.size
+        self._peak = builtins.max(self._peak, sample.in_flight)
+        if self._batches >= self._window_batches():
+            self._decide(sample.now)
         return self.limit
+
+    # ------------------------------------------------------------------ rules
+
+    def _window_batches(self) -> int:
+        return self.window * builtins.max(self.limit, 4)
+
+    def _overloaded(self, now: float) -> None:
+        limit = self.limit
+        self._ceiling, self._ceiling_until = limit, now + self.cooldown
+        cut = builtins.max(self.min, builtins.min(limit - 1, math.floor(limit * self.backoff)))
+        self._search(now, cut, None, direction=1, may_reverse=False)
+
+    def _decide(self, now: float) -> None:
+        early = self._early_sum / self._early_items if self._early_items else 0.0
+        late = self._late_sum / self._late_items if self._late_items else early
+        items = self._early_items + self._late_items
+        latency = (self._early_sum + self._late_sum) / items if items else 0.0
+        used = self._peak >= self.limit
+        limit, tolerance = self.limit, self.tolerance
+        self._clear()
+        if late > early * (1 + tolerance) and self._unsettled < _REMEASURE:
+            # Latency still climbing within the window (a queue filling up after
+            # a start or a change): measure again before comparing.
+            self._unsettled += 1
+            return
+        self._unsettled = 0
+        if self._phase == _HOLD:
+            # A held limit moves only on twice the tolerance: a search costs
+            # windows at worse limits, so noise must not start one.
+            if latency > self._reference * (1 + 2 * tolerance):
+                self._search(now, limit, latency, direction=-1, may_reverse=True)
+            elif latency < self._reference * (1 - 2 * tolerance):
+                self._search(now, limit, latency, direction=1, may_reverse=False)
+            else:
+                self._reference = (self._reference + latency) / 2
+                self._held += 1
+                if self._held >= self.probe_every:
+                    self._held = 0
+                    self._search(now, limit, self._reference, direction=1, may_reverse=False)
+            return
+        base = self._base
+        if base is None:  # this window measured the starting point
+            self._base = (limit, latency)
+            self._try(now, used)
+            return
+        best, best_latency = base
+        if latency < best_latency * (1 - tolerance):
+            self._base = (limit, latency)
+            self._gap = self._step > 1  # the limits jumped over are untested
+            if self._improved:
+                self._step *= 2
+            self._improved = True
+            self._try(now, used)
+        elif self._step > 1:  # overshot: back to the best, then one at a time
+            self._step = 1
+            self._improved = False
+            self._try(now, True)
+        else:
+            self._turn_or_hold(now, best, best_latency)
+
+    def _turn_or_hold(self, now: float, best: int, best_latency: float) -> None:
+        """One step the other way from the best if that side is untested, else hold."""
+        if (self._may_reverse and not self._improved) or self._gap:
+            self._may_reverse = self._gap = self._improved = False
+            self._direction = -self._direction
+            self._step = 1
+            self._try(now, True)
+        else:
+            self._hold(now, best, best_latency)
+
+    def _try(self, now: float, used: bool) -> None:
+        """Move to the next limit of the search, or turn or hold if there is none."""
+        assert self._base is not None
+        best, best_latency = self._base
+        upper = self.max
+        if now < self._ceiling_until:
+            upper = builtins.max(self.min, builtins.min(upper, self._ceiling - 1))
+        target = best + self._direction * self._step
+        if self._direction > 0 and not used and best == self.limit:
+            target = best  # the limit was not reached: more would go unused
+        target = builtins.max(self.min, builtins.min(upper, target))
+        if target == best:
+            if self._direction > 0 and not used:
+                self._hold(now, best, best_latency)
+            else:
+                self._turn_or_hold(now, best, best_latency)
+            return
+        self._set(now, target)
+
+    def _search(
+        self, now: float, limit: int, latency: float | None, *, direction: int, may_reverse: bool
+    ) -> None:
+        self._phase = _SEARCH
+        self._direction = direction
+        # Steps in proportion to the limit (an eighth of it), as TensorFlow's.
+        self._step = builtins.max(1, limit // 8)
+        self._improved = self._gap = False
+        self._may_reverse = may_reverse
+        self._held = 0
+        self._clear()
+        if latency is None:
+            self._base = None
+            self._set(now, limit)
+        else:
+            self._base = (limit, latency)
+            self._try(now, True)
+
+    def _hold(self, now: float, limit: int, latency: float) -> None:
+        self._phase = _HOLD
+        self._base = None
+        self._reference = latency
+        self._held = 0
+        self._set(now, limit)
+
+    def _set(self, now: float, limit: int) -> None:
+        self._clear()
+        if limit != self.limit:
+            self.limit = limit
+            self._since = now
+            self._unsettled = 0
+
+    def _clear(self) -> None:
+        self._early_sum = self._late_sum = 0.0
+        self._early_items = self._late_items = self._batches = self._peak = 0
 
     def __repr__(self) -> str:
         return f"Adaptive(min={self.min}, max={self.max}, limit={self.limit})"
+
+
+_REMEASURE = 2  # windows measured again at most, while latency still rises
+_SEARCH = "search"
+_HOLD = "hold"
