@@ -76,8 +76,9 @@ class Adaptive:
       reports ``overloaded`` (a sink timeout, or an error carrying
       ``retry_after``) cuts the limit to ``floor(limit * backoff)`` (at least
       one less, never below ``min``); the limit that overloaded becomes a
-      ceiling that the search stays under for ``cooldown`` seconds, and a new
-      search starts upwards from the cut. Samples from batches started before
+      ceiling that the search stays under for ``cooldown`` seconds (then it
+      rises one slot per clean window), and a new search starts upwards from
+      the cut. Samples from batches started before
       the cut cannot cut again (one cut per round trip, as TCP does).
     - the limit only rises when it was reached in the window (the most calls
       in flight equalled it): a limit the load does not use tells nothing.
@@ -153,8 +154,8 @@ class Adaptive:
         *,
         tolerance: float = 0.05,
         window: int = 2,
-        backoff: float = 0.75,
-        cooldown: float = 5.0,
+        backoff: float = 0.9,
+        cooldown: float = 1.0,
         probe_every: int = 8,
     ) -> None:
         for name, value in (
@@ -236,7 +237,7 @@ class Adaptive:
         limit = self.limit
         self._ceiling, self._ceiling_until = limit, now + self.cooldown
         cut = builtins.max(self.min, builtins.min(limit - 1, math.floor(limit * self.backoff)))
-        self._search(now, cut, None, direction=1, may_reverse=False)
+        self._search(now, cut, None, 1, False)
 
     def _decide(self, now: float) -> None:
         early = self._early_sum / self._early_items if self._early_items else 0.0
@@ -248,23 +249,25 @@ class Adaptive:
         self._clear()
         if late > early * (1 + tolerance) and self._unsettled < _REMEASURE:
             # Latency still climbing within the window (a queue filling up after
-            # a start or a change): measure again before comparing.
+            # a change): measure again before comparing.
             self._unsettled += 1
             return
         self._unsettled = 0
+        if limit >= self._ceiling and now >= self._ceiling_until:
+            self._ceiling = limit + 1  # served it without overload: one more next
         if self._phase == _HOLD:
             # A held limit moves only on twice the tolerance: a search costs
             # windows at worse limits, so noise must not start one.
             if latency > self._reference * (1 + 2 * tolerance):
-                self._search(now, limit, latency, direction=-1, may_reverse=True)
-            elif latency < self._reference * (1 - 2 * tolerance):
-                self._search(now, limit, latency, direction=1, may_reverse=False)
+                self._search(now, limit, latency, -1, True)
+            elif latency < self._reference * (1 - 2 * tolerance) and used:
+                self._search(now, limit, latency, 1, False)
             else:
                 self._reference = (self._reference + latency) / 2
                 self._held += 1
-                if self._held >= self.probe_every:
+                if self._held >= self.probe_every and used:
                     self._held = 0
-                    self._search(now, limit, self._reference, direction=1, may_reverse=False)
+                    self._search(now, limit, self._reference, 1, False)
             return
         base = self._base
         if base is None:  # this window measured the starting point
@@ -300,10 +303,10 @@ class Adaptive:
         """Move to the next limit of the search, or turn or hold if there is none."""
         assert self._base is not None
         best, best_latency = self._base
-        upper = self.max
-        if now < self._ceiling_until:
-            upper = builtins.max(self.min, builtins.min(upper, self._ceiling - 1))
+        upper = self._upper(now)
         target = best + self._direction * self._step
+        if self._direction < 0:
+            target = builtins.max(target, (best + 1) // 2)  # at most halve per try
         if self._direction > 0 and not used and best == self.limit:
             target = best  # the limit was not reached: more would go unused
         target = builtins.max(self.min, builtins.min(upper, target))
@@ -315,8 +318,13 @@ class Adaptive:
             return
         self._set(now, target)
 
+    def _upper(self, now: float) -> int:
+        """The highest limit a search may try now: under the ceiling, then up to it."""
+        ceiling = self._ceiling if now >= self._ceiling_until else self._ceiling - 1
+        return builtins.max(self.min, builtins.min(self.max, ceiling))
+
     def _search(
-        self, now: float, limit: int, latency: float | None, *, direction: int, may_reverse: bool
+        self, now: float, limit: int, latency: float | None, direction: int, may_reverse: bool
     ) -> None:
         self._phase = _SEARCH
         self._direction = direction

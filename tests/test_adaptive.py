@@ -1,0 +1,341 @@
+"""Adaptive, the concurrency policy: fed with samples (exact), and through a Batcher.
+
+The unit tests drive the policy with a latency that is a function of the
+limit (a made-up backend), one sample per batch, on made-up times; every
+decision is deterministic, so the limits it goes through are asserted exactly.
+The Batcher tests run on virtual time (looptime).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable
+
+import pytest
+
+from asyncbatch import Adaptive, Batcher, Retry
+from asyncbatch._concurrency import BatchSample
+
+Latency = Callable[[int], float]
+
+
+class Feed:
+    """Feeds a policy one sample per batch; time moves by ``duration`` per batch."""
+
+    def __init__(self, policy: Adaptive, duration: float = 0.01) -> None:
+        self.policy = policy
+        self.now = 0.0
+        self.duration = duration
+        self.limits: list[int] = [policy.limit]  # every distinct limit in turn
+
+    def batch(
+        self,
+        latency: float,
+        *,
+        in_flight: int | None = None,
+        overloaded: bool = False,
+        started: float | None = None,
+    ) -> int:
+        self.now += self.duration
+        start = self.now - self.duration if started is None else started
+        limit = self.policy.on_batch(
+            BatchSample(
+                now=self.now,
+                size=10,
+                latency=latency,
+                duration=self.now - start,
+                in_flight=self.policy.limit if in_flight is None else in_flight,
+                overloaded=overloaded,
+            )
+        )
+        assert self.policy.min <= limit <= self.policy.max
+        if limit != self.limits[-1]:
+            self.limits.append(limit)
+        return limit
+
+    def run(self, latency: Latency, batches: int) -> None:
+        for _ in range(batches):
+            self.batch(latency(self.policy.limit))
+
+
+def scales(limit: int) -> float:
+    """A backend that serves every call at once: latency falls with the limit."""
+    return 1.0 / limit
+
+
+def knee(capacity: int) -> Latency:
+    """Better up to ``capacity`` calls at once, then 10 % worse per call beyond it."""
+
+    def latency(limit: int) -> float:
+        return 0.1 * capacity / min(limit, capacity) * (1 + 0.1 * max(0, limit - capacity))
+
+    return latency
+
+
+# -- construction ------------------------------------------------------------------
+
+
+def test_defaults() -> None:
+    a = Adaptive()
+    assert (a.min, a.max, a.limit) == (1, 64, 1)
+    assert (a.tolerance, a.window, a.backoff, a.cooldown, a.probe_every) == (
+        0.05,
+        2,
+        0.9,
+        1.0,
+        8,
+    )
+    assert repr(a) == "Adaptive(min=1, max=64, limit=1)"
+    assert Adaptive(min=3, max=5).limit == 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"min": 0}, ValueError, "Adaptive.min must be >= 1, got 0"),
+        ({"max": 1.5}, TypeError, "Adaptive.max must be an int, got 1.5"),
+        ({"min": True}, TypeError, "Adaptive.min must be an int, got True"),
+        ({"min": 4, "max": 2}, ValueError, "Adaptive.max must be >= min, got min=4, max=2"),
+        ({"window": 0}, ValueError, "Adaptive.window must be >= 1, got 0"),
+        ({"probe_every": 0}, ValueError, "Adaptive.probe_every must be >= 1, got 0"),
+        ({"tolerance": 1.0}, ValueError, "Adaptive.tolerance must be >= 0.0 and < 1.0"),
+        ({"tolerance": "x"}, TypeError, "Adaptive.tolerance must be a number, got 'x'"),
+        ({"backoff": 0}, ValueError, "Adaptive.backoff must be > 0 and < 1, got 0"),
+        ({"backoff": 1}, ValueError, "Adaptive.backoff must be > 0 and < 1, got 1"),
+        ({"cooldown": -1}, ValueError, "Adaptive.cooldown must be >= 0.0 and < inf"),
+        ({"cooldown": math.inf}, ValueError, "Adaptive.cooldown must be >= 0.0 and < inf"),
+    ],
+)
+def test_invalid_arguments(kwargs: dict[str, object], error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(".", r"\.")):
+        Adaptive(**kwargs)  # type: ignore[arg-type]
+
+
+# -- the rule, on samples ------------------------------------------------------------
+
+
+def test_climbs_with_a_doubling_step_while_latency_improves_up_to_max() -> None:
+    feed = Feed(Adaptive())
+    feed.run(scales, 2000)
+    # A window is 2 * max(limit, 4) batches; the step doubles from the third
+    # improvement; at max it checks the untested limit just below, then holds.
+    assert feed.limits == [1, 2, 3, 5, 9, 17, 33, 64, 63, 64]
+    assert feed.policy.limit == 64
+
+
+def test_first_window_decides_after_eight_batches_at_limit_one() -> None:
+    feed = Feed(Adaptive())
+    feed.run(scales, 7)
+    assert feed.policy.limit == 1
+    feed.run(scales, 1)
+    assert feed.policy.limit == 2
+
+
+def test_finds_the_knee_and_holds_there_probing_one_slot_up() -> None:
+    feed = Feed(Adaptive())
+    while len(feed.limits) < 10:
+        feed.batch(knee(8)(feed.policy.limit))
+    # 9 beat 5, 17 overshot, 10 was worse, so the skipped 6..8 side was tried.
+    assert feed.limits == [1, 2, 3, 5, 9, 17, 10, 8, 7, 8]
+    feed.limits = [8]
+    feed.run(knee(8), 5000)
+    assert set(feed.limits) == {8, 9}  # held, with one-slot probes that lose
+    probes = feed.limits.count(9)
+    # A hold window (16 batches) * probe_every (8) + a probe (18): ~34 probes.
+    assert 30 <= probes <= 40
+
+
+def test_flat_latency_keeps_the_smaller_limit() -> None:
+    feed = Feed(Adaptive())
+    feed.run(lambda limit: 1.0 / min(limit, 4), 300)
+    # 9 is no better than 5 (flat beyond 4), nor is 6: it keeps 5, the
+    # smaller of the equal ones it measured (4, tried last, is worse than 5? no:
+    # equal, so not better either), and holds there.
+    assert feed.limits[:8] == [1, 2, 3, 5, 9, 6, 4, 5]
+    assert set(feed.limits[7:]) == {5, 6}  # held at 5, one-slot probes to 6
+
+
+def test_capacity_halving_then_recovering() -> None:
+    feed = Feed(Adaptive())
+    feed.run(knee(16), 450)
+    assert feed.limits == [1, 2, 3, 5, 9, 17, 33, 18, 16, 15, 16]
+    feed.limits = [16]
+    feed.run(knee(8), 200)
+    # Worse at the held limit: a search downwards, steps of 2, 2, 4, never
+    # more than halving; 4 overshoots, 7 is worse, 9 (untested) too: 8.
+    assert feed.limits == [16, 14, 12, 8, 4, 7, 9, 8]
+    feed.limits = [8]
+    feed.run(knee(16), 400)
+    # (knee() scales latency with the capacity: 8 got worse too.) Lower is
+    # worse, so up, with a doubling step, to the new knee.
+    assert feed.limits == [8, 7, 9, 10, 12, 16, 24, 17, 15, 16]
+
+
+def test_overload_cuts_by_backoff_once_per_round_trip() -> None:
+    feed = Feed(Adaptive())
+    feed.run(knee(8), 400)
+    assert feed.policy.limit == 8
+    t_cut = feed.now + feed.duration
+    assert feed.batch(0.1, overloaded=True) == 7  # floor(8 * 0.9)
+    # A batch that started before the cut cannot cut again.
+    assert feed.batch(0.1, overloaded=True, started=t_cut - 0.001) == 7
+    # One that started after it can.
+    assert feed.batch(0.1, overloaded=True) == 6
+    assert feed.batch(0.1, overloaded=True) == 5
+    for _ in range(10):
+        feed.batch(0.1, overloaded=True)
+    assert feed.policy.limit == 1  # at least one less each time, never below min
+
+
+def test_overload_never_goes_below_min() -> None:
+    feed = Feed(Adaptive(min=3, max=10))
+    for _ in range(20):
+        assert feed.batch(0.1, overloaded=True) == 3
+
+
+def test_the_limit_that_overloaded_is_a_ceiling_for_cooldown_seconds() -> None:
+    feed = Feed(Adaptive(cooldown=1.0))
+    while feed.policy.limit != 9:
+        feed.batch(scales(feed.policy.limit))
+    feed.batch(0.1, overloaded=True)
+    cut_at = feed.now
+    assert feed.policy.limit == 8
+    feed.limits = [8]
+    # Latency says "more" all along, but 9 overloaded: the search stays at 8.
+    while feed.now < cut_at + 0.99:
+        feed.batch(scales(feed.policy.limit))
+    assert feed.limits == [8]
+    # After the cooldown, the hold's next probe goes up, then one slot more
+    # per clean window.
+    feed.run(scales, 400)
+    assert feed.limits[:3] == [8, 9, 10]
+
+
+def test_samples_of_batches_started_under_an_earlier_limit_are_ignored() -> None:
+    feed = Feed(Adaptive())
+    feed.run(scales, 8)
+    assert feed.policy.limit == 2
+    changed = feed.now
+    # Stale samples (started before the change): however many, no decision.
+    for _ in range(100):
+        feed.batch(10.0, started=changed - 0.005)
+    assert feed.policy.limit == 2
+    feed.run(scales, 8)
+    assert feed.policy.limit == 3
+
+
+def test_does_not_rise_when_the_limit_is_not_used() -> None:
+    feed = Feed(Adaptive())
+    # At most 2 calls are ever in flight (light load), though latency would
+    # say "more": a limit the load does not reach tells nothing.
+    for _ in range(2000):
+        limit = feed.policy.limit
+        feed.batch(scales(limit), in_flight=min(limit, 2))
+    assert feed.limits == [1, 2, 3]  # 3 was not reached: no further
+
+
+def test_latency_still_rising_within_a_window_is_measured_again() -> None:
+    feed = Feed(Adaptive())
+    # A queue filling up at limit 1: latency climbs through the window.
+    for i in range(8):
+        feed.batch(0.1 * (i + 1))
+    assert feed.policy.limit == 1  # measured again, not compared
+    for i in range(8):
+        feed.batch(1.0 + 0.1 * i)
+    assert feed.policy.limit == 1
+    for _ in range(8):
+        feed.batch(2.0)  # settled: now it decides (the third window at most)
+    assert feed.policy.limit == 2
+
+
+def test_min_equals_max_never_moves() -> None:
+    feed = Feed(Adaptive(min=4, max=4))
+    feed.run(scales, 500)
+    feed.batch(1.0, overloaded=True)
+    feed.run(knee(2), 500)
+    assert feed.limits == [4]
+
+
+# -- through a Batcher, on virtual time --------------------------------------------
+
+
+async def _closed_loop(
+    batcher: Batcher[int, int], callers: int, seconds: float, limits: list[int]
+) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+
+    async def caller(i: int) -> None:
+        while loop.time() < end:
+            await asyncio.sleep(0.001 * (i % 10))  # think time: callers out of step
+            await batcher.submit(i)
+
+    async def watch() -> None:
+        while loop.time() < end:
+            limits.append(batcher.stats.concurrency_limit)
+            await asyncio.sleep(0.05)
+
+    await asyncio.gather(watch(), *(caller(i) for i in range(callers)))
+
+
+@pytest.mark.looptime
+async def test_batcher_limit_rises_under_a_backend_that_scales() -> None:
+    async def sink(items: list[int]) -> list[int]:
+        await asyncio.sleep(0.01)  # any number of calls at once, same time each
+        return items
+
+    policy = Adaptive(max=16)
+    limits: list[int] = []
+    async with Batcher(sink, max_size=8, max_concurrency=policy) as b:
+        await _closed_loop(b, 200, 5.0, limits)
+    assert limits[0] == 1
+    assert all(1 <= x <= 16 for x in limits)
+    assert limits[-1] >= 12  # 200 callers fill 25 batches of 8: every slot helps
+
+
+class TooManyRequests(Exception):
+    def __init__(self) -> None:
+        super().__init__("429")
+        self.retry_after = 0.02
+
+
+@pytest.mark.looptime
+async def test_batcher_limit_falls_on_overload_signals() -> None:
+    active = 0
+
+    async def sink(items: list[int]) -> list[int]:
+        nonlocal active
+        if active >= 3:  # a backend that takes 3 calls at once and sends the rest away
+            await asyncio.sleep(0.001)
+            raise TooManyRequests
+        active += 1
+        try:
+            await asyncio.sleep(0.01)
+        finally:
+            active -= 1
+        return items
+
+    policy = Adaptive(max=32)
+    limits: list[int] = []
+    retry = Retry(attempts=math.inf, backoff=0.01)
+    async with Batcher(sink, max_size=8, max_concurrency=policy, retry=retry) as b:
+        await _closed_loop(b, 60, 10.0, limits)
+    assert max(limits) > 3  # it did go up, into the overload
+    assert all(1 <= x <= 32 for x in limits)
+    late = limits[len(limits) // 2 :]
+    assert sum(late) / len(late) <= 4  # and came back under it
+
+
+@pytest.mark.looptime
+async def test_batcher_limit_stays_within_min_and_max() -> None:
+    async def sink(items: list[int]) -> list[int]:
+        await asyncio.sleep(0.01 * len(items))
+        return items
+
+    limits: list[int] = []
+    async with Batcher(sink, max_size=4, max_concurrency=Adaptive(min=2, max=5)) as b:
+        assert b.stats.concurrency_limit == 2
+        await _closed_loop(b, 100, 5.0, limits)
+    assert set(limits) <= {2, 3, 4, 5}
+    assert limits[-1] == 5
