@@ -51,8 +51,8 @@ _OVERFLOWS = ("block", "reject", "drop_oldest")
 
 _Fut: TypeAlias = asyncio.Future[Any]
 _log = logging.getLogger("asyncbatch")
-# Set inside each sink task: which batcher's sink is running in this context.
-_IN_SINK: contextvars.ContextVar[Batcher[Any, Any] | None] = contextvars.ContextVar(
+# Set inside each sink task (and so in the tasks it starts): whose sink, which batch.
+_IN_SINK: contextvars.ContextVar[tuple[Batcher[Any, Any], _Batch] | None] = contextvars.ContextVar(
     "asyncbatch_in_sink", default=None
 )
 _done = asyncio.Future.done
@@ -92,6 +92,7 @@ class _Batch:
         "coalesced",
         "counted",
         "cursor",
+        "due_at",
         "extra",
         "failed",
         "finished",
@@ -140,6 +141,7 @@ class _Batch:
         self.counted: set[_Fut] | None = None
         self.on_done: list[_Fut] | None = None
         self.opened = 0.0  # loop.time() of the first item
+        self.due_at = 0.0  # loop.time() when it became due (kept for an Adaptive limit)
         self.calls = 0  # sink calls made for it
         # What observers captured at submit (trace context), first MAX_LINKS items.
         self.captured: list[object] | None = None
@@ -225,6 +227,7 @@ class Batcher(Generic[T, R]):
         "_cancel_on_close",
         "_cancelled",
         "_capture",
+        "_close_when_idle",
         "_closing",
         "_deadlines",
         "_dedupe",
@@ -245,7 +248,6 @@ class Batcher(Generic[T, R]):
         "_max_size",
         "_max_weight",
         "_name",
-        "_nested",
         "_observers",
         "_on_batch",
         "_open",
@@ -260,6 +262,7 @@ class Batcher(Generic[T, R]):
         "_ready",
         "_reasons",
         "_reclaimed",
+        "_reentrant",
         "_refusals_logged",
         "_refusals_seen",
         "_rejected",
@@ -389,7 +392,10 @@ class Batcher(Generic[T, R]):
         # drop_oldest: (arrival number of its oldest live item, seq, batch), a heap.
         self._heads: list[tuple[int, int, _Batch]] = []
         self._arrival = itertools.count()
-        self._nested = 0  # sink calls waiting in a submit() to this same batcher
+        # Batches whose sink waits on this same batcher (nested submit, flush,
+        # aclose), with how many such waits: a re-entrant wait never waits for them.
+        self._reentrant: dict[_Batch, int] = {}
+        self._close_when_idle = False  # a close started from inside a sink
         self._discard: _Discard | None = None  # the "caller" of put/put_nowait items
         self._gone: _Fut | None = None  # stands in for the caller of a dropped slot
         self._watch: LoopWatch | None = None
@@ -482,11 +488,13 @@ class Batcher(Generic[T, R]):
         item and releases its room; after dispatch the result is dropped.
         Others are not affected.
         """
-        if self._busy and _IN_SINK.get() is self:
-            return await self._submit_nested(item, timeout)
+        if self._busy:
+            inside = _IN_SINK.get()
+            if inside is not None and inside[0] is self:
+                return await self._submit_nested(item, timeout, inside[1])
         if self._plain and timeout is None:
             # _put, inlined for the common configuration (as in submit_nowait).
-            if self._hot_thread != _get_ident():
+            if self._hot_thread != _get_ident() or not self._loop.is_running():  # type: ignore[union-attr]
                 self._bind()
             batch = self._open.get(None)
             if batch is None:
@@ -526,22 +534,38 @@ class Batcher(Generic[T, R]):
                 self._withdraw(batch, fut, item)
             raise
 
-    async def _submit_nested(self, item: T, timeout: float | None) -> R:  # noqa: ASYNC109
-        """``submit`` from inside this batcher's own sink call."""
-        # Every slot held by a sink that waits for an item of this batcher:
-        # none of them can finish, so no slot would ever free up for that item.
-        if self._busy >= self._max_concurrency and self._nested + 1 >= self._busy:
-            raise RuntimeError(
-                f"the sink of {self!r} awaited submit() of its own batcher while every "
-                f"dispatch slot (max_concurrency={self._limit_text()}) is held by a sink "
-                "doing the same: it would wait forever. Raise max_concurrency (None: no "
-                "limit) above the nesting depth, or submit from outside the sink"
-            )
-        self._nested += 1
+    async def _submit_nested(
+        self,
+        item: T,
+        timeout: float | None,  # noqa: ASYNC109
+        own: _Batch,
+    ) -> R:
+        """``submit`` from inside this batcher's own sink call (or a task it started)."""
+        self._bind()  # closed or wrong loop: that error first
+        self._check_nesting("submit()")
+        self._reentrant[own] = self._reentrant.get(own, 0) + 1
         try:
             return await self._submit(item, timeout)
         finally:
-            self._nested -= 1
+            self._leave_reentrant(own)
+
+    def _check_nesting(self, what: str) -> None:
+        # Every slot held by a sink that waits on this batcher: none of them can
+        # finish, so no slot would ever free up for what they wait for.
+        if self._busy >= self._max_concurrency and len(self._reentrant) + 1 >= self._busy:
+            raise RuntimeError(
+                f"the sink of {self!r} awaited {what} of its own batcher while every "
+                f"dispatch slot (max_concurrency={self._limit_text()}) is held by a sink "
+                "doing the same: it would wait forever. Raise max_concurrency (None: no "
+                "limit) above the nesting depth, or call it from outside the sink"
+            )
+
+    def _leave_reentrant(self, own: _Batch) -> None:
+        left = self._reentrant[own] - 1
+        if left:
+            self._reentrant[own] = left
+        else:
+            del self._reentrant[own]
 
     def submit_nowait(self, item: T) -> asyncio.Future[R]:
         """Submit one item without waiting; returns the future of its result.
@@ -565,7 +589,7 @@ class Batcher(Generic[T, R]):
         """
         fut: asyncio.Future[R]
         if self._plain:  # _put, inlined for the common configuration (as in submit)
-            if self._hot_thread != _get_ident():
+            if self._hot_thread != _get_ident() or not self._loop.is_running():  # type: ignore[union-attr]
                 self._bind()
             batch = self._open.get(None)
             if batch is None:
@@ -626,7 +650,7 @@ class Batcher(Generic[T, R]):
                 bound one.
         """
         if self._plain:  # _put, inlined (as in submit_nowait)
-            if self._hot_thread != _get_ident():
+            if self._hot_thread != _get_ident() or not self._loop.is_running():  # type: ignore[union-attr]
                 self._bind()
             batch = self._open.get(None)
             if batch is None:
@@ -671,6 +695,19 @@ class Batcher(Generic[T, R]):
             RuntimeError: as :meth:`submit` (checked before any item is taken).
         """
         loop = self._bind()
+        own = self._own_batch()
+        if own is not None:
+            self._check_nesting("submit_many()")
+            self._reentrant[own] = self._reentrant.get(own, 0) + 1
+        try:
+            return await self._submit_many(loop, items, return_exceptions)
+        finally:
+            if own is not None:
+                self._leave_reentrant(own)
+
+    async def _submit_many(
+        self, loop: asyncio.AbstractEventLoop, items: Iterable[T], return_exceptions: bool
+    ) -> list[Any]:
         pairs: list[tuple[_Fut, _Batch, T]] = []
         try:
             for item in items:
@@ -728,9 +765,13 @@ class Batcher(Generic[T, R]):
 
         Waits for every batch holding an item submitted before the call,
         including batches already in flight. ``max_concurrency`` still
-        applies. Cancelling ``flush`` does not cancel the batches. Called
-        from inside this batcher's own sink, it does not wait for that sink's
-        own batch (which cannot finish before the sink returns).
+        applies. Cancelling ``flush`` does not cancel the batches.
+
+        Called from inside this batcher's own sink (or a task the sink
+        started), it dispatches the same way but waits only for the other
+        sink calls in flight that are not themselves waiting on this batcher:
+        not for its own batch, which cannot finish before the sink returns,
+        nor for due batches that may need the very slot the sink holds.
 
         Raises:
             RuntimeError: called from another loop than the bound one.
@@ -740,7 +781,11 @@ class Batcher(Generic[T, R]):
         self._check_same_loop()
         for batch in list(self._open.values()):
             self._make_due(batch, "flush")
-        await self._wait_for([*self._ready, *self._others_in_flight()])
+        own = self._own_batch()
+        if own is None:
+            await self._wait_for([*self._ready, *self._inflight])
+        else:
+            await self._wait_reentrant(own)
 
     async def aclose(self, cancel: bool = False) -> None:
         """Stop accepting items, then finish or cancel what is held.
@@ -760,9 +805,11 @@ class Batcher(Generic[T, R]):
         drain into a cancel if it passes ``cancel=True``). If the task
         running ``aclose`` is cancelled while draining, the close is turned
         into ``cancel=True``, finished, and the cancellation propagates.
-        Called from inside this batcher's own sink, it closes and waits for
-        everything but that sink's own batch. Afterwards no task, timer or
-        future of the batcher is left behind.
+        Called from inside this batcher's own sink (or a task it started),
+        it closes the same way (``cancel=True`` spares that sink's own call)
+        and waits as :meth:`flush` does there; the close completes when the
+        last batch, the sink's own included, is done. Afterwards no task,
+        timer or future of the batcher is left behind.
 
         Raises:
             RuntimeError: called from another loop than the bound one.
@@ -776,12 +823,16 @@ class Batcher(Generic[T, R]):
         self._check_same_loop()
         loop = self._loop
         assert loop is not None
+        own = self._own_batch()
         if self._state is _State.CLOSING:
             assert self._closing is not None
             if cancel:
-                self._cancel_everything()
-            if self._own_batch() is None:
+                self._cancel_everything(own)
+            if own is None:
                 await asyncio.shield(self._closing)
+            return
+        if own is not None:
+            await self._aclose_from_sink(own, cancel)
             return
         self._state = _State.CLOSING
         self._hot_thread = None
@@ -798,14 +849,14 @@ class Batcher(Generic[T, R]):
                 for batch in list(self._open.values()):
                     self._make_due(batch, "close")
             try:
-                await self._wait_for([*self._ready, *self._others_in_flight()])
+                await self._wait_for([*self._ready, *self._inflight])
             except asyncio.CancelledError:
                 self._cancel_everything()
-                tasks = self._other_tasks()
+                tasks = list(self._inflight.values())
                 if tasks:
                     await asyncio.wait(tasks)
                 raise
-            tasks = self._other_tasks()
+            tasks = list(self._inflight.values())
             if tasks:  # cancelled ones finish their last step
                 await asyncio.wait(tasks)
             # Done-callbacks of the items resolved last are already scheduled:
@@ -814,6 +865,7 @@ class Batcher(Generic[T, R]):
         finally:
             self._state = _State.CLOSED
             self._stop_watch()
+            self._log_refusals()
             self._closing.set_result(None)
 
     def configure(
@@ -954,6 +1006,43 @@ class Batcher(Generic[T, R]):
             # The grid point after the first item passed: the next one to come.
             when = next_tick(self._deadlines.t0, self._deadlines.interval or 1.0, loop.time())
         batch.timer = loop.call_at(when, self._on_timer, batch, reason)
+
+    async def _aclose_from_sink(self, own: _Batch, cancel: bool) -> None:
+        loop = self._loop
+        assert loop is not None
+        self._state = _State.CLOSING
+        self._hot_thread = None
+        self._closing = loop.create_future()
+        self._cancel_on_close = cancel
+        self._close_when_idle = True
+        while self._putters:
+            putter, _ = self._putters.popitem(last=False)
+            if not putter.done():
+                putter.set_exception(BatcherClosed(f"{self!r} was closed"))
+        if cancel:
+            self._cancel_everything(own)
+        else:
+            for batch in list(self._open.values()):
+                self._make_due(batch, "close")
+        await self._wait_reentrant(own)
+
+    def _complete_close(self) -> None:
+        """The last batch of a close started from inside a sink is done."""
+        self._close_when_idle = False
+        self._state = _State.CLOSED
+        self._stop_watch()
+        self._log_refusals()
+        if self._closing is not None and not self._closing.done():
+            self._closing.set_result(None)
+
+    async def _wait_reentrant(self, own: _Batch) -> None:
+        """From inside a sink: wait for the other calls in flight that do not wait on us."""
+        others = [b for b in self._inflight if b is not own and b not in self._reentrant]
+        self._reentrant[own] = self._reentrant.get(own, 0) + 1
+        try:
+            await self._wait_for(others)
+        finally:
+            self._leave_reentrant(own)
 
     async def __aenter__(self) -> Self:
         """Bind to the running loop; ``async with`` closes (drains) on exit."""
@@ -1130,22 +1219,11 @@ class Batcher(Generic[T, R]):
             watch.stop()
 
     def _own_batch(self) -> _Batch | None:
-        """The batch whose sink call runs in the current task, if any."""
-        if not self._inflight:
+        """The batch whose sink call runs in this context (its task, or one it started)."""
+        inside = _IN_SINK.get()
+        if inside is None or inside[0] is not self or inside[1].finished:
             return None
-        task = asyncio.current_task()
-        for batch, running in self._inflight.items():
-            if running is task:
-                return batch
-        return None
-
-    def _others_in_flight(self) -> list[_Batch]:
-        own = self._own_batch()
-        return [batch for batch in self._inflight if batch is not own]
-
-    def _other_tasks(self) -> list[asyncio.Task[None]]:
-        own = self._own_batch()
-        return [task for batch, task in self._inflight.items() if batch is not own]
+        return inside[1]
 
     def _limit_text(self) -> str:
         limit = self._max_concurrency
@@ -1269,7 +1347,7 @@ class Batcher(Generic[T, R]):
         ``submit_nowait``) and without the options' branches; otherwise it is
         ``submit_nowait``. Raises like ``submit_nowait``.
         """
-        if self._hot_thread != _get_ident():
+        if self._hot_thread != _get_ident() or not self._loop.is_running():  # type: ignore[union-attr]
             self._bind()
         if not self._plain_keyed:
             if self._put(item, fut) is None:
@@ -1300,7 +1378,7 @@ class Batcher(Generic[T, R]):
         raises, the items before the failing one may have been accepted: the
         caller withdraws them by cancelling their futures.
         """
-        if self._hot_thread != _get_ident():
+        if self._hot_thread != _get_ident() or not self._loop.is_running():  # type: ignore[union-attr]
             self._bind()
         if not self._plain_keyed:
             for item, ix, fut in zip(items, indexes, futs, strict=True):
@@ -1402,6 +1480,10 @@ class Batcher(Generic[T, R]):
             batch.timer = None
         if batch.reason is None:
             batch.reason = reason
+            if self._policy is not None:
+                loop = self._loop
+                assert loop is not None
+                batch.due_at = loop.time()
             self._undue.pop(batch, None)
             self._ready.append(batch)
             self._pump()
@@ -1505,7 +1587,7 @@ class Batcher(Generic[T, R]):
         futs: list[_Fut],
         extra: list[list[_Fut]] | None,
     ) -> None:
-        _IN_SINK.set(self)  # this task's context only: re-entrant calls know their sink
+        _IN_SINK.set((self, batch))  # this task's context: re-entrant calls know their sink
         loop = self._loop
         assert loop is not None
         start = loop.time()
@@ -1681,8 +1763,21 @@ class Batcher(Generic[T, R]):
                 f"sink {self._name!r} returned {type(awaitable).__name__}, not an awaitable; "
                 "a sink must be an async function (async def sink(items): ...)"
             )
-        if self._timeout is None:
-            return await awaitable
+        try:
+            if self._timeout is None:
+                return await awaitable
+            return await self._await_in_time(awaitable, len(items))
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise  # this call was cancelled (aclose(cancel=True), the loop ending)
+            # Nobody cancelled this call: the sink raised CancelledError itself.
+            raise RuntimeError(
+                f"sink {self._name!r} raised CancelledError without being cancelled"
+            ) from exc
+
+    async def _await_in_time(self, awaitable: Awaitable[object], size: int) -> object:
+        assert self._timeout is not None
         deadline = asyncio.timeout(self._timeout)
         try:
             async with deadline:
@@ -1692,7 +1787,7 @@ class Batcher(Generic[T, R]):
                 raise  # the sink's own TimeoutError
             raise TimeoutError(
                 f"sink {self._name!r} did not answer within {self._timeout} s "
-                f"(batch of {len(items)} items)"
+                f"(batch of {size} items)"
             ) from None
 
     async def _isolate(
@@ -1833,19 +1928,22 @@ class Batcher(Generic[T, R]):
         policy = self._policy
         if policy is not None:
             now = loop.time()
-            # Items arrived between the batch's first item and its dispatch:
-            # on average they waited half that, then the sink time.
+            # Items arrived between the batch's first item and its dispatch: on
+            # average they waited half that, then the sink time.
             sample = BatchSample(
                 now=now,
                 size=size,
                 latency=(start - batch.opened) / 2 + (now - start),
+                queued=start - (batch.due_at or start),
                 duration=now - start,
                 in_flight=self._busy,
                 overloaded=batch.overloaded,
+                backlog=self._pending,
+                waiting=len(self._ready),
             )
             limit = self._notify("concurrency policy", functools.partial(policy.on_batch, sample))
             if isinstance(limit, int) and not isinstance(limit, bool):
-                self._max_concurrency = max(1, limit)
+                self._max_concurrency = min(max(policy.min, limit), policy.max)
         self._busy -= 1
         self._in_flight -= size
         self._inflight.pop(batch, None)
@@ -1858,6 +1956,16 @@ class Batcher(Generic[T, R]):
                 type(error).__name__,
                 error,
             )
+        self._report(batch, size, start, error)
+        self._signal_done(batch)
+        self._pump()
+        if self._close_when_idle and not self._inflight and not self._waiting:
+            self._complete_close()
+
+    def _report(self, batch: _Batch, size: int, start: float, error: BaseException | None) -> None:
+        """``on_batch`` and the observers' ``batch_finished``, once per batch."""
+        loop = self._loop
+        assert loop is not None
         if self._on_batch is not None or self._observers:
             assert batch.reason is not None
             report = BatchReport(
@@ -1879,8 +1987,6 @@ class Batcher(Generic[T, R]):
                     "observer batch_finished",
                     functools.partial(observer.batch_finished, self._name, report),
                 )
-        self._signal_done(batch)
-        self._pump()
 
     def _signal_done(self, batch: _Batch) -> None:
         if batch.on_done:
@@ -2074,11 +2180,15 @@ class Batcher(Generic[T, R]):
         """Count a refused or dropped item; log the counts at most once a second."""
         if what == "rejected":
             self._rejected += 1
-        now = time.monotonic()
-        if now - self._refusals_logged >= 1.0:
-            rejected = self._rejected - self._refusals_seen[0]
-            dropped = self._dropped - self._refusals_seen[1]
-            self._refusals_logged = now
+        if time.monotonic() - self._refusals_logged >= 1.0:
+            self._log_refusals()
+
+    def _log_refusals(self) -> None:
+        """Log the refusals not reported yet (also at close: none is left unsaid)."""
+        rejected = self._rejected - self._refusals_seen[0]
+        dropped = self._dropped - self._refusals_seen[1]
+        if rejected or dropped:
+            self._refusals_logged = time.monotonic()
             self._refusals_seen = (self._rejected, self._dropped)
             _log.warning(
                 "batcher %r is full (max_pending=%s, overflow=%r): %d items rejected and "
@@ -2190,8 +2300,8 @@ class Batcher(Generic[T, R]):
         if waiters:
             await asyncio.gather(*waiters)
 
-    def _cancel_everything(self) -> None:
-        """``aclose(cancel=True)``: fail what is pending, cancel what runs."""
+    def _cancel_everything(self, spare: _Batch | None = None) -> None:
+        """``aclose(cancel=True)``: fail what is pending, cancel what runs (but ``spare``)."""
         self._cancel_on_close = True
         closed = BatcherClosed(f"{self!r} was closed with cancel=True before dispatch")
         for batch in self._undispatched():
@@ -2202,15 +2312,25 @@ class Batcher(Generic[T, R]):
             self._release(len(batch.futs) - batch.released)
             self._submitted += len(batch.futs) + batch.coalesced
             items, futs, extra = self._live(batch, batch.items, batch.futs, _extra_list(batch))
+            reporting = bool(items) and (self._on_batch is not None or bool(self._observers))
+            if reporting:
+                batch.failed = []
             self._deliver(batch, items, futs, extra, None, closed)
+            if reporting:
+                # Never dispatched, but its items failed: put() users learn which.
+                batch.reason = batch.reason or "close"
+                loop = self._loop
+                assert loop is not None
+                self._report(batch, len(items), loop.time(), closed)
             self._signal_done(batch)
         self._open.clear()
         self._ready.clear()
         self._waiting.clear()
         self._undue.clear()
         self._heads.clear()
-        for task in self._inflight.values():
-            task.cancel()
+        for batch, task in self._inflight.items():
+            if batch is not spare:
+                task.cancel()
 
     def _undispatched(self) -> list[_Batch]:
         return list(self._waiting)

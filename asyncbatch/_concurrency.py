@@ -35,6 +35,10 @@ class BatchSample:
             (items arrived over that time), plus the sink time.
         duration: seconds from dispatch to the last item resolved.
         in_flight: sink calls running when it finished (itself included).
+        queued: seconds the batch, once due, waited for a free slot.
+        backlog: items accepted and not yet dispatched when it finished.
+        waiting: due batches waiting for a free slot when it finished (a
+            queue of work the limit holds back).
         overloaded: the backend signalled overload during this batch: a sink
             call timed out (``timeout``), or raised (or answered, per item)
             an exception whose ``retry_after`` is set (e.g. HTTP 429/503).
@@ -46,6 +50,9 @@ class BatchSample:
     duration: float
     in_flight: int
     overloaded: bool
+    queued: float = 0.0
+    backlog: int = 0
+    waiting: int = 0
 
 
 class Adaptive:

@@ -47,6 +47,10 @@ def answer_values(
     if result is None:
         return [None] * n
     if isinstance(result, Sequence) and not isinstance(result, str | bytes | bytearray):
+        if type(result) is not list and type(result) is not tuple:
+            # Take what iterating it gives: a Sequence whose len() and items
+            # disagree must not leave callers without an answer.
+            result = list(result)
         if len(result) != n:
             raise ResultMismatch(
                 f"sink {sink_name!r} returned {len(result)} results for a batch of "

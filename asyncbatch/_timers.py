@@ -26,10 +26,12 @@ def next_tick(t0: float, interval: float, now: float) -> float:
     k = math.floor((now - t0) / interval) + 1
     tick = t0 + k * interval
     # Float rounding can land the product on or just before ``now``.
-    while tick <= now:
+    for _ in range(4):
+        if tick > now:
+            return tick
         k += 1
         tick = t0 + k * interval
-    return tick
+    return math.nextafter(now, math.inf)  # an interval below the clock's resolution
 
 
 class Deadlines:

@@ -1004,7 +1004,9 @@ class ChaosMachine(RuleBasedStateMachine):
                     or self.cancel_closed
                     or self.config["dedupe"]
                 ), p
-                assert p.id not in failed, (p, failed[p.id])
+                if p.id in failed:  # failed by the cancelling close, and reported
+                    assert self.cancel_closed, (p, failed[p.id])
+                    assert isinstance(failed[p.id], BatcherClosed), (p, failed[p.id])
                 continue
             last = self.sink.calls[sent[-1]]
             if p.id in failed:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from asyncbatch import Batcher, DataLoader, Retry, Retryable
+from asyncbatch import Batcher, BatcherClosed, DataLoader, Retry, Retryable
 
 from .support import RecordingSink, settle
 
@@ -390,4 +390,127 @@ async def test_settle_helper_is_enough_for_two_hop_dispatch() -> None:
     b.submit_nowait(1)
     await settle()
     assert sink.batches == [[1]]
+    await b.aclose()
+
+
+# ------------------------------------------- found by a new user's attack
+
+
+async def test_flush_from_the_sink_while_another_batch_waits_for_the_slot() -> None:
+    b: Batcher[int, int]
+
+    async def sink(items: list[int]) -> list[int]:
+        await asyncio.sleep(0.05)  # meanwhile a second batch becomes due
+        if 1 in items:
+            await b.flush()
+        return [i * 2 for i in items]
+
+    b = Batcher(sink, max_size=10, max_wait=0.01)
+
+    async def late() -> int:
+        await asyncio.sleep(0.015)
+        return await b.submit(99)
+
+    assert list(await asyncio.wait_for(asyncio.gather(b.submit(1), late()), 5)) == [2, 198]
+    await b.aclose()
+
+
+@pytest.mark.parametrize("cancel", [False, True])
+async def test_aclose_from_the_sink_while_another_batch_waits_for_the_slot(cancel: bool) -> None:
+    b: Batcher[int, int]
+
+    async def sink(items: list[int]) -> list[int]:
+        await asyncio.sleep(0.05)
+        if 1 in items:
+            await b.aclose(cancel=cancel)
+        return [i * 2 for i in items]
+
+    b = Batcher(sink, max_size=10, max_wait=0.01)
+
+    async def late() -> int:
+        await asyncio.sleep(0.015)
+        return await b.submit(99)
+
+    results = await asyncio.wait_for(asyncio.gather(b.submit(1), late(), return_exceptions=True), 5)
+    assert results[0] == 2  # its own call is spared, also by cancel=True
+    if cancel:
+        assert isinstance(results[1], BatcherClosed)
+    else:
+        assert results[1] == 198  # the close drains
+    await asyncio.wait_for(b.aclose(), 5)  # the outer close waits for the inner one
+    assert b.closed
+    assert b.stats.in_flight == 0
+
+
+@pytest.mark.parametrize("how", ["gather", "task", "wait_for"])
+async def test_flush_from_a_task_the_sink_started_is_recognised(how: str) -> None:
+    b: Batcher[int, int]
+
+    async def sink(items: list[int]) -> list[int]:
+        if how == "gather":
+            await asyncio.gather(b.flush())
+        elif how == "task":
+            await asyncio.create_task(b.flush())
+        else:
+            await asyncio.wait_for(b.flush(), 10)
+        return items
+
+    b = Batcher(sink)
+    assert await asyncio.wait_for(b.submit(1), 5) == 1
+    await b.aclose()
+
+
+async def test_submit_many_from_the_sink_beyond_the_slots_raises() -> None:
+    b: Batcher[int, int]
+
+    async def sink(items: list[int]) -> list[int]:
+        if items[0] < 100:
+            return list(await b.submit_many([i + 100 for i in items]))
+        return items
+
+    b = Batcher(sink)
+    with pytest.raises(RuntimeError, match=r"submit_many\(\) of its own batcher"):
+        await asyncio.wait_for(b.submit(1), 5)
+    await b.aclose()
+
+
+async def test_a_sequence_whose_items_stop_early_fails_the_batch_instead_of_hanging() -> None:
+    class Lying(Sequence[int]):
+        def __len__(self) -> int:
+            return 5
+
+        def __getitem__(self, i: Any) -> Any:
+            if i >= 2:
+                raise IndexError(i)
+            return i
+
+    async def sink(items: list[int]) -> Lying:
+        return Lying()
+
+    b = Batcher(sink, max_size=5, max_wait=0.01)
+    futs = [b.submit_nowait(i) for i in range(5)]
+    results = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 5)
+    assert all(type(r).__name__ == "ResultMismatch" for r in results)
+    assert "returned 2 results for a batch of 5 items" in str(results[0])
+    await b.aclose()
+    s = b.stats
+    assert (s.submitted, s.failed) == (5, 5)
+
+
+async def test_a_sink_raising_cancelled_error_itself_fails_its_batch_and_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def sink(items: list[int]) -> list[int]:
+        raise asyncio.CancelledError("from a library, not from us")
+
+    b = Batcher(sink, name="bx")
+    with pytest.raises(RuntimeError, match="raised CancelledError without being cancelled"):
+        await b.submit(1)
+    assert any("batch of 1 items" in r.getMessage() for r in caplog.records)
+    await b.aclose()
+
+
+async def test_a_tiny_interval_does_not_freeze_the_loop() -> None:
+    b = Batcher(RecordingSink(), interval=1e-300)
+    assert await asyncio.wait_for(b.submit(1), 5) == 10
     await b.aclose()

@@ -257,3 +257,35 @@ async def test_nothing_per_item_is_allocated_for_put(monkeypatch: pytest.MonkeyP
     monkeypatch.undo()
     await b.aclose()
     assert b.stats.succeeded == 100
+
+
+async def test_put_items_failed_by_a_cancelling_close_are_reported() -> None:
+    reports: list[BatchReport] = []
+    sink = RecordingSink()
+    b = Batcher(sink, max_size=4, max_wait=0.001, on_batch=reports.append)
+    for i in range(20):
+        b.put_nowait(i)
+    await asyncio.gather(b.aclose(), b.aclose(cancel=True))
+    failed = [item for r in reports for item, _ in r.failed_items]
+    delivered = sink.items
+    assert sorted(failed + [x for x in delivered if x not in failed]) == list(range(20))
+    assert b.stats.failed == len(failed)
+    assert all(isinstance(e, BatcherClosed) for r in reports for _, e in r.failed_items)
+
+
+async def test_refusals_not_logged_yet_are_logged_at_close(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sink = RecordingSink()
+    sink.gate = asyncio.Event()
+    b = Batcher(sink, max_size=1, max_pending=1, overflow="reject")
+    b.put_nowait(0)
+    b.put_nowait(1)
+    with caplog.at_level(logging.WARNING, logger="asyncbatch"):
+        for _ in range(3):
+            with pytest.raises(QueueFull):
+                b.put_nowait(2)
+        sink.gate.set()
+        await b.aclose()
+    full = [r.getMessage() for r in caplog.records if "is full" in r.getMessage()]
+    assert sum(int(m.split(": ")[1].split(" items rejected")[0]) for m in full) == 3

@@ -249,3 +249,24 @@ def test_garbage_collected_with_items_pending_is_logged(caplog: pytest.LogCaptur
     lost = [r for r in caplog.records if "garbage-collected" in r.getMessage()]
     assert len(lost) == 1
     assert "2 pending" in lost[0].getMessage()
+
+
+def test_a_second_loop_in_the_same_thread_while_the_first_is_stopped_not_closed() -> None:
+    b = Batcher(echo, max_wait=0.05)
+    first = asyncio.new_event_loop()
+    second = asyncio.new_event_loop()
+    try:
+
+        async def leave_one() -> None:
+            b.submit_nowait(1)
+
+        first.run_until_complete(leave_one())
+        with pytest.raises(RuntimeError, match="is bound to another event loop"):
+            second.run_until_complete(b.submit(2))
+        assert b.stats.pending == 1  # nothing joined the first loop's batch
+        assert first.run_until_complete(b.flush()) is None
+        assert b.stats.succeeded == 1
+        first.run_until_complete(b.aclose())
+    finally:
+        first.close()
+        second.close()
