@@ -1291,7 +1291,7 @@ class Batcher(Generic[T, R]):
         batch.items.append(item)
         batch.futs.append(fut)
         self._pending += 1
-        if self._capture:
+        if self._capture and (batch.captured is None or len(batch.captured) < MAX_LINKS):
             self._capture_links(batch)
         if self._weigh is not None:
             batch.weight += weight
@@ -1312,11 +1312,13 @@ class Batcher(Generic[T, R]):
         captured = batch.captured
         if captured is None:
             captured = batch.captured = []
-        if len(captured) < MAX_LINKS:
+        try:
             for capture in self._capture:
-                value = self._notify("observer capture", capture)
+                value = capture()
                 if value is not None:
                     captured.append(value)
+        except Exception as exc:  # an observer's bug must not refuse the item
+            self._notify("observer capture", functools.partial(_reraise, exc))
 
     def _coalesce(self, batch: _Batch, index: Hashable, fut: _Fut) -> bool:
         """With ``dedupe``: join ``fut`` to the slot of an equal item, if any."""
@@ -2353,6 +2355,10 @@ class _Discard(asyncio.Future[Any]):
 
     def set_exception(self, exception: type[BaseException] | BaseException, /) -> None:
         pass
+
+
+def _reraise(exc: BaseException) -> None:
+    raise exc
 
 
 def _overload(exc: object) -> bool:
