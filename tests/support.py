@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, overload
 
 
 class RecordingSink:
@@ -59,3 +59,22 @@ async def settle(n: int = 5) -> None:
     """Let ready callbacks run for a few loop iterations."""
     for _ in range(n):
         await asyncio.sleep(0)
+
+
+class Rows(Sequence[object]):
+    """A ``collections.abc.Sequence`` answer that is neither a list nor a tuple."""
+
+    def __init__(self, values: list[object]) -> None:
+        self._values = values
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    @overload
+    def __getitem__(self, index: int) -> object: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[object]: ...
+
+    def __getitem__(self, index: int | slice) -> object:
+        return self._values[index]

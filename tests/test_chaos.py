@@ -46,10 +46,10 @@ import itertools
 import math
 import random
 import sys
-from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Protocol, TypeVar, overload
+from typing import Any, Protocol, TypeVar
 
 import looptime
 import pytest
@@ -74,7 +74,7 @@ from asyncbatch import (
     Retryable,
 )
 
-from .support import RecordingSink
+from .support import RecordingSink, Rows
 
 Item = tuple[int, int]  # (item id, key)
 T = TypeVar("T")
@@ -91,25 +91,6 @@ class SinkError(Exception):
 
 class ItemError(Exception):
     """A per-item error; ``args == (key, item id, call number)``."""
-
-
-class Rows(Sequence[object]):
-    """A ``collections.abc.Sequence`` answer that is neither a list nor a tuple."""
-
-    def __init__(self, values: list[object]) -> None:
-        self._values = values
-
-    def __len__(self) -> int:
-        return len(self._values)
-
-    @overload
-    def __getitem__(self, index: int) -> object: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[object]: ...
-
-    def __getitem__(self, index: int | slice) -> object:
-        return self._values[index]
 
 
 class Table(Mapping[object, object]):

@@ -16,7 +16,7 @@ import pytest
 
 from asyncbatch import Batcher, BatcherClosed, DataLoader, Retry, Retryable
 
-from .support import RecordingSink, settle
+from .support import RecordingSink, Rows, settle
 
 pytestmark = pytest.mark.looptime
 
@@ -145,20 +145,7 @@ async def test_base_exception_instances_are_values_not_errors() -> None:
     assert res[2] == 2
 
 
-class _Answer(Sequence[int]):
-    """A Sequence that is neither a list nor a tuple."""
-
-    def __init__(self, values: list[int]) -> None:
-        self._values = values
-
-    def __getitem__(self, i: Any) -> Any:
-        return self._values[i]
-
-    def __len__(self) -> int:
-        return len(self._values)
-
-
-@pytest.mark.parametrize("shape", [list, tuple, _Answer], ids=["list", "tuple", "Sequence"])
+@pytest.mark.parametrize("shape", [list, tuple, Rows], ids=["list", "tuple", "Sequence"])
 async def test_every_sequence_type_is_an_answer(shape: Any) -> None:
     async def sink(items: list[int]) -> Sequence[int]:
         return shape([x * 2 for x in items])  # type: ignore[no-any-return]

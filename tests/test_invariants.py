@@ -26,10 +26,10 @@ import gc
 import math
 import random
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, overload
+from typing import Any
 
 import looptime
 import pytest
@@ -47,7 +47,7 @@ from asyncbatch import (
 )
 
 from .conftest import FLAVOURS
-from .support import live_timers
+from .support import Rows, live_timers
 
 
 class SinkError(Exception):
@@ -91,7 +91,7 @@ class World:
             await asyncio.sleep(1000)  # only the sink timeout ends this
         if rng.random() < 0.3:
             _mutate(rng, items, self.kept)  # also after the wait, before answering
-        pack = rng.choice([list, tuple, _Rows])
+        pack = rng.choice([list, tuple, Rows])
         roll = rng.random()
         if roll < 0.12:
             raise SinkError("sink failed")
@@ -116,25 +116,6 @@ class World:
         if roll < 0.5:
             return rng.choice([dict, MappingProxyType])({key: ("ok", key) for _, key in given})
         return pack([("ok", key) for _, key in given])
-
-
-class _Rows(Sequence[object]):
-    """A ``collections.abc.Sequence`` answer that is neither a list nor a tuple."""
-
-    def __init__(self, values: list[object]) -> None:
-        self._values = values
-
-    def __len__(self) -> int:
-        return len(self._values)
-
-    @overload
-    def __getitem__(self, index: int) -> object: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[object]: ...
-
-    def __getitem__(self, index: int | slice) -> object:
-        return self._values[index]
 
 
 # Per-item answers: Exception instances fail only their item (StopIteration
