@@ -14,6 +14,7 @@ Layout (public names are re-exported here; everything else is private):
 - ``_decorator``   @batch: a batcher per loop (and per instance) behind a function
 - ``_loader``      DataLoader: request coalescing with a per-key future cache
 - ``_stream``      chunks: micro-batching an async iterable
+- ``_streaming``   streaming per-item results: each caller's stream, END
 - ``contrib/``     optional integrations (``bulkapi``, ``httpx``); never imported here
 """
 
@@ -25,6 +26,7 @@ from ._decorator import BatchedFunction as BatchedFunction
 from ._decorator import BatchedMethod as BatchedMethod
 from ._decorator import BatchOptions as BatchOptions
 from ._decorator import BoundBatchedMethod as BoundBatchedMethod
+from ._decorator import StreamingBatchedFunction as StreamingBatchedFunction
 from ._decorator import batch as batch
 from ._exceptions import AsyncBatchError as AsyncBatchError
 from ._exceptions import BatcherClosed as BatcherClosed
@@ -39,10 +41,12 @@ from ._stats import BatcherStats as BatcherStats
 from ._stats import BatchReport as BatchReport
 from ._stats import DispatchReason as DispatchReason
 from ._stream import chunks as chunks
+from ._streaming import END as END
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "END",
     "Adaptive",
     "AsyncBatchError",
     "BatchLoadFn",
@@ -63,6 +67,7 @@ __all__ = [
     "Retry",
     "Retryable",
     "SinkResult",
+    "StreamingBatchedFunction",
     "batch",
     "chunks",
 ]

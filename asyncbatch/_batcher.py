@@ -26,7 +26,15 @@ import threading
 import time
 import warnings
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Hashable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from typing import Any, Generic, Literal, Self, TypeAlias, TypeVar, overload
 
 from ._concurrency import Adaptive, BatchSample
@@ -36,6 +44,7 @@ from ._observe import MAX_LINKS, Observer, SinkCall
 from ._results import answer_values
 from ._retry import Retry, Retryable
 from ._stats import BatcherStats, BatchReport, DispatchReason
+from ._streaming import END, Stream
 from ._timers import Deadlines, next_tick
 
 __all__ = ["Batcher", "Overflow", "SinkResult"]
@@ -273,6 +282,7 @@ class Batcher(Generic[T, R]):
         "_sink",
         "_soon",
         "_state",
+        "_streaming",
         "_submitted",
         "_succeeded",
         "_timeout",
@@ -284,7 +294,8 @@ class Batcher(Generic[T, R]):
 
     def __init__(
         self,
-        sink: Callable[[list[T]], Awaitable[SinkResult[R]]],
+        sink: Callable[[list[T]], Awaitable[SinkResult[R]]]
+        | Callable[[list[T]], AsyncIterator[Sequence[R]]],
         *,
         max_size: int = 128,
         max_wait: float | None = None,
@@ -302,7 +313,7 @@ class Batcher(Generic[T, R]):
         on_batch: Callable[[BatchReport], object] | None = None,
         name: str | None = None,
     ) -> None:
-        _check_sink(sink)
+        self._streaming = _check_sink(sink)
         _check_int("max_size", max_size, 1)
         policy, limit = _concurrency(max_concurrency)
         if max_pending is not None:
@@ -517,6 +528,8 @@ class Batcher(Generic[T, R]):
     async def _submit(self, item: T, timeout: float | None) -> R:  # noqa: ASYNC109
         """``submit`` on the general path: room, per-item timeout, any option."""
         loop = self._bind()
+        if self._streaming:
+            raise self._not_streaming("submit")
         if timeout is not None:
             _check_number("timeout", timeout, positive=True, infinite=True)
             if math.isinf(timeout):
@@ -601,7 +614,10 @@ class Batcher(Generic[T, R]):
             if len(batch.futs) >= self._max_size:
                 self._seal(batch, "size")
             return fut
-        fut = self._bind().create_future()
+        loop = self._bind()
+        if self._streaming:
+            raise self._not_streaming("submit_nowait")
+        fut = loop.create_future()
         if self._put(item, fut) is None:
             self._refused("rejected")
             raise QueueFull(self._full_message())
@@ -629,6 +645,8 @@ class Batcher(Generic[T, R]):
         accepted; once accepted, it is the batcher's.
         """
         self._bind()
+        if self._streaming:
+            raise self._not_streaming("put")
         discard = self._discard
         assert discard is not None
         if self._put(item, discard) is None:
@@ -662,11 +680,56 @@ class Batcher(Generic[T, R]):
                 self._seal(batch, "size")
             return
         self._bind()
+        if self._streaming:
+            raise self._not_streaming("put_nowait")
         discard = self._discard
         assert discard is not None
         if self._put(item, discard) is None:
             self._refused("rejected")
             raise QueueFull(self._full_message())
+
+    async def submit_stream(self, item: T) -> AsyncIterator[R]:
+        """Submit one item to a streaming sink; iterate this caller's own results.
+
+        The sink is an async generator function: each step yields one entry
+        per item of the batch, in order. A value goes to this stream; an
+        ``Exception`` entry ends it with that error (raised here); the marker
+        :data:`asyncbatch.END` ends it early; the generator's end ends it.
+        Use it as ``async for value in batcher.submit_stream(item)``; the
+        item is submitted when the iteration starts.
+
+        Leaving the iteration (``break``, cancellation, a timeout) drops this
+        caller's later entries; before dispatch it withdraws the item (the
+        generator never sees it). Once every caller of a batch has left, the
+        generator is closed (``aclose``) and its dispatch slot freed.
+        ``timeout`` (the batcher's) bounds each step of the generator;
+        ``retry`` applies only until the first step was delivered.
+
+        Raises:
+            TypeError: the sink is not an async generator function.
+            Exception: this stream's error (the generator raised, a step of
+                the wrong length: ``ResultMismatch``, or an ``Exception``
+                entry for this item).
+            QueueFull, BatcherClosed, RuntimeError: as :meth:`submit`.
+        """
+        if not self._streaming:
+            raise TypeError(
+                f"the sink of {self!r} is not an async generator function: "
+                "submit_stream() needs a streaming sink (use submit())"
+            )
+        loop = self._bind()
+        stream = Stream(loop=loop)
+        batch = self._put(item, stream)
+        if batch is None:
+            batch = await self._put_when_room(item, stream, None)
+        try:
+            async for value in stream.values():
+                yield value
+        finally:
+            if not stream.done():
+                stream.cancel()
+                self._count_cancelled(batch, stream)
+                self._withdraw(batch, stream, item)
 
     @overload
     async def submit_many(
@@ -708,6 +771,8 @@ class Batcher(Generic[T, R]):
     async def _submit_many(
         self, loop: asyncio.AbstractEventLoop, items: Iterable[T], return_exceptions: bool
     ) -> list[Any]:
+        if self._streaming:
+            raise self._not_streaming("submit_many")
         pairs: list[tuple[_Fut, _Batch, T]] = []
         try:
             for item in items:
@@ -1085,10 +1150,17 @@ class Batcher(Generic[T, R]):
 
     # --------------------------------------------------------------- observers
 
+    def _not_streaming(self, what: str) -> TypeError:
+        return TypeError(
+            f"the sink of {self!r} is an async generator (a streaming sink): use "
+            f"`async for value in batcher.submit_stream(item)`, not {what}()"
+        )
+
     def _choose_paths(self) -> None:
         """Pick the per-item path: the inlined one needs nothing computed per item."""
         simple = (
-            self._partition is None
+            not self._streaming
+            and self._partition is None
             and self._weigh is None
             and self._max_pending is None
             and not self._capture
@@ -1653,6 +1725,8 @@ class Batcher(Generic[T, R]):
         extra: list[list[_Fut]] | None,
     ) -> BaseException | None:
         """One sink call and its retries (and isolation); the error it ends with, if any."""
+        if self._streaming:
+            return await self._run_stream(batch, items, futs, extra)
         retry = self._retry
         attempts = 0
         error: BaseException | None = None
@@ -1706,6 +1780,101 @@ class Batcher(Generic[T, R]):
                         continue
             return error
         return error  # every caller left while the batch waited for a retry
+
+    async def _run_stream(
+        self,
+        batch: _Batch,
+        items: list[Any],
+        futs: list[_Fut],
+        extra: list[list[_Fut]] | None,
+    ) -> BaseException | None:
+        """Feed the callers' streams from one async generator call per batch.
+
+        Retries (``retry``) only until a first step was delivered; ``timeout``
+        bounds each step. When every caller has left, the generator is closed.
+        """
+        retry = self._retry
+        attempts = 0
+        while True:
+            attempts += 1
+            batch.calls += 1
+            agen = self._sink(list(items))
+            if not hasattr(agen, "__anext__"):
+                error: BaseException = _SinkMisuse(
+                    f"sink {self._name!r} returned {type(agen).__name__}, not an async iterator"
+                )
+                self._deliver(batch, items, futs, extra, None, error)
+                return error
+            delivered = False
+            try:
+                while self._still_wanted(futs, extra):
+                    try:
+                        step = await self._next_step(agen, len(items))
+                    except StopAsyncIteration:
+                        self._deliver(batch, items, futs, extra, [None] * len(items), None)
+                        return None
+                    values = answer_values(self._name, step, items, self._key)
+                    delivered = True
+                    self._feed(batch, items, futs, extra, values)
+                return None  # every caller left: the generator is closed below
+            except Exception as exc:
+                if _overload(exc):
+                    batch.overloaded = True
+                if (
+                    not delivered
+                    and retry is not None
+                    and attempts < retry.attempts
+                    and retry.retries(exc)
+                ):
+                    delay = retry.delay(attempts, exc)
+                    self._retried(attempts, delay, exc)
+                    await asyncio.sleep(delay)
+                    items, futs, extra = self._live(batch, items, futs, extra)
+                    if items:
+                        continue
+                    return None
+                self._deliver(batch, items, futs, extra, None, exc)
+                return exc
+            finally:
+                await _close_quietly(agen)
+
+    async def _next_step(self, agen: Any, size: int) -> object:
+        if self._timeout is None:
+            return await agen.__anext__()
+        return await self._await_in_time(agen.__anext__(), size)
+
+    @staticmethod
+    def _still_wanted(futs: list[_Fut], extra: list[list[_Fut]] | None) -> bool:
+        if not all(map(_done, futs)):
+            return True
+        return extra is not None and any(not all(map(_done, w)) for w in extra)
+
+    def _feed(
+        self,
+        batch: _Batch,
+        items: list[Any],
+        futs: list[_Fut],
+        extra: list[list[_Fut]] | None,
+        values: Sequence[Any],
+    ) -> None:
+        """One generator step: each entry to its callers' streams."""
+        for i, value in enumerate(values):
+            waiters = futs[i : i + 1] if extra is None else [futs[i], *extra[i]]
+            if value is END or isinstance(value, Exception):
+                if isinstance(value, Retryable):
+                    value = value.error
+                self._deliver(
+                    batch,
+                    [items[i]],
+                    [futs[i]],
+                    [extra[i]] if extra is not None else None,
+                    [None if value is END else value],
+                    None,
+                )
+                continue
+            for stream in waiters:
+                if not stream.done():
+                    stream.push(value)  # type: ignore[attr-defined]
 
     def _retried(self, attempt: int, delay: float, exc: BaseException) -> None:
         self._retries += 1
@@ -2357,6 +2526,14 @@ class _Discard(asyncio.Future[Any]):
         pass
 
 
+async def _close_quietly(agen: Any) -> None:
+    """Close a sink's async generator; what it raises while closing is its own business."""
+    try:
+        await agen.aclose()
+    except Exception:
+        pass
+
+
 def _reraise(exc: BaseException) -> None:
     raise exc
 
@@ -2421,7 +2598,7 @@ def _concurrency(value: object) -> tuple[Adaptive | None, float]:
     if isinstance(value, Adaptive):
         return value, value.limit
     if isinstance(value, str):
-        raise ValueError(
+        raise TypeError(
             f"max_concurrency must be an int, None, Adaptive(...) or 'auto', got {value!r}"
         )
     _check_int("max_concurrency", value, 1)
@@ -2446,8 +2623,8 @@ def _check_number(name: str, value: object, *, positive: bool, infinite: bool) -
         raise ValueError(f"{name} must be finite, got {value!r}")
 
 
-def _check_sink(sink: object) -> None:
-    """Refuse, at construction, a sink that is plainly not async.
+def _check_sink(sink: object) -> bool:
+    """Refuse, at construction, a sink that is plainly not async; say if it streams.
 
     A plain function or method (``def``, a lambda, or a partial of one) is
     refused: awaiting its answer would fail only after it ran, and ran again
@@ -2461,11 +2638,8 @@ def _check_sink(sink: object) -> None:
     while isinstance(fn, functools.partial):
         fn = fn.func
     fn = inspect.unwrap(fn)
-    if inspect.isasyncgenfunction(fn):
-        raise TypeError(
-            f"sink {_callable_name(sink)} is an async generator function; a Batcher sink "
-            "must be `async def sink(items)` returning its answer"
-        )
+    if inspect.isasyncgenfunction(fn) or inspect.isasyncgenfunction(type(fn).__call__):
+        return True  # a streaming sink: callers use submit_stream()
     if (inspect.isfunction(fn) or inspect.ismethod(fn)) and not inspect.iscoroutinefunction(fn):
         raise TypeError(
             f"sink {_callable_name(sink)} is a plain function; a Batcher sink must be an "
@@ -2473,6 +2647,7 @@ def _check_sink(sink: object) -> None:
             "`async def sink(items): return await to_awaitable(items)`, or run blocking "
             "code with `await asyncio.to_thread(fn, items)`"
         )
+    return False
 
 
 def _callable_name(fn: object) -> str:

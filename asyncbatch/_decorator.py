@@ -30,7 +30,15 @@ import asyncio
 import functools
 import inspect
 import weakref
-from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Hashable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from typing import Any, Generic, Literal, Self, TypedDict, TypeVar, Unpack, overload
 
 from ._batcher import _UNSET, Batcher, Overflow, _Unset
@@ -187,45 +195,12 @@ class _Batchers(Generic[_T, _R]):
         await batcher.aclose(cancel=cancel)
 
 
-class _Wrapper(Generic[_T, _R]):
-    """What the function and the bound-method wrappers share: calls and lifecycle."""
+class _Lifecycle(Generic[_T, _R]):
+    """What every wrapper shares: the batchers of one sink and their lifecycle."""
 
     __slots__ = ("_state",)
 
     _state: _Batchers[_T, _R]
-
-    async def __call__(self, item: _T, /, *, timeout: float | None = None) -> _R:  # noqa: ASYNC109
-        """Submit one item to the running loop's batcher and wait for its own result.
-
-        This is :meth:`Batcher.submit`: it returns the item's result or raises
-        the item's own error (the sink's exception, ``ResultMismatch``,
-        ``QueueFull``, ``TimeoutError`` when ``timeout`` seconds pass first).
-        Cancelling the caller before its batch is dispatched withdraws the
-        item. The batcher is created on the first call in each loop, and again
-        on the first call after :meth:`aclose`.
-        """
-        return await self._state.current().submit(item, timeout=timeout)
-
-    @overload
-    async def submit_many(
-        self, items: Iterable[_T], *, return_exceptions: Literal[False] = False
-    ) -> list[_R]: ...
-    @overload
-    async def submit_many(
-        self, items: Iterable[_T], *, return_exceptions: bool
-    ) -> list[_R | BaseException]: ...
-    async def submit_many(
-        self, items: Iterable[_T], *, return_exceptions: bool = False
-    ) -> list[_R] | list[_R | BaseException]:
-        """Submit several items at once: :meth:`Batcher.submit_many`.
-
-        Returns the results in input order; without ``return_exceptions`` it
-        raises the first failure in input order once every item is resolved.
-        """
-        batcher = self._state.current()
-        if return_exceptions:
-            return await batcher.submit_many(items, return_exceptions=True)
-        return await batcher.submit_many(items)
 
     async def flush(self) -> None:
         """Dispatch what the running loop's batcher holds now and wait for it.
@@ -302,6 +277,45 @@ class _Wrapper(Generic[_T, _R]):
         self._state.detach(observer)
 
 
+class _Wrapper(_Lifecycle[_T, _R]):
+    """The one-item calls of the function and bound-method wrappers."""
+
+    __slots__ = ()
+
+    async def __call__(self, item: _T, /, *, timeout: float | None = None) -> _R:  # noqa: ASYNC109
+        """Submit one item to the running loop's batcher and wait for its own result.
+
+        This is :meth:`Batcher.submit`: it returns the item's result or raises
+        the item's own error (the sink's exception, ``ResultMismatch``,
+        ``QueueFull``, ``TimeoutError`` when ``timeout`` seconds pass first).
+        Cancelling the caller before its batch is dispatched withdraws the
+        item. The batcher is created on the first call in each loop, and again
+        on the first call after :meth:`aclose`.
+        """
+        return await self._state.current().submit(item, timeout=timeout)
+
+    @overload
+    async def submit_many(
+        self, items: Iterable[_T], *, return_exceptions: Literal[False] = False
+    ) -> list[_R]: ...
+    @overload
+    async def submit_many(
+        self, items: Iterable[_T], *, return_exceptions: bool
+    ) -> list[_R | BaseException]: ...
+    async def submit_many(
+        self, items: Iterable[_T], *, return_exceptions: bool = False
+    ) -> list[_R] | list[_R | BaseException]:
+        """Submit several items at once: :meth:`Batcher.submit_many`.
+
+        Returns the results in input order; without ``return_exceptions`` it
+        raises the first failure in input order once every item is resolved.
+        """
+        batcher = self._state.current()
+        if return_exceptions:
+            return await batcher.submit_many(items, return_exceptions=True)
+        return await batcher.submit_many(items)
+
+
 class BatchedFunction(_Wrapper[_T, _R]):
     """A batch function made callable one item at a time: what ``@batch`` returns.
 
@@ -332,6 +346,42 @@ class BatchedFunction(_Wrapper[_T, _R]):
 
     def __reduce__(self) -> str:
         # Pickled (and copied) by reference, like a function: by its name.
+        return self.__qualname__
+
+
+class StreamingBatchedFunction(_Lifecycle[_T, _R]):
+    """An async generator batch function made callable one item at a time.
+
+    What ``@batch`` returns for ``async def generate(items)`` that yields, each
+    step, one entry per item (see :meth:`Batcher.submit_stream`):
+    ``async for value in generate(item)`` iterates this caller's own results.
+    ``flush()``, ``aclose()``, ``configure()`` and ``stats`` act on the running
+    loop's batcher, as for :class:`BatchedFunction`.
+    """
+
+    __slots__ = ("__dict__",)
+
+    __name__: str
+    __qualname__: str
+    __wrapped__: Callable[..., Any]
+
+    def __init__(self, fn: Callable[[list[Any]], AsyncIterator[Any]], options: BatchOptions):
+        name = options.get("name") or getattr(fn, "__qualname__", None) or repr(fn)
+        self._state = _Batchers(functools.partial(Batcher, fn, **options), name)
+        functools.update_wrapper(self, fn, assigned=_ASSIGNED)
+
+    def __call__(self, item: _T, /) -> AsyncIterator[_R]:
+        """This item's stream: :meth:`Batcher.submit_stream` on the running loop's batcher."""
+        return self._stream(item)
+
+    async def _stream(self, item: _T) -> AsyncIterator[_R]:
+        async for value in self._state.current().submit_stream(item):
+            yield value
+
+    def __repr__(self) -> str:
+        return f"<batched generator function {self.__qualname__}>"
+
+    def __reduce__(self) -> str:
         return self.__qualname__
 
 
@@ -616,10 +666,30 @@ class _BatchDecorator:
         ],
         /,
     ) -> BatchedMethod[_S, _T, _R | None]: ...
+    # Streaming: an async generator function of the list of items.
+    @overload
     def __call__(
-        self, fn: Callable[..., Awaitable[Any]], /
-    ) -> BatchedFunction[Any, Any] | BatchedMethod[Any, Any, Any]:
+        self, fn: Callable[[list[_T]], AsyncIterator[Sequence[_R | BaseException | object]]], /
+    ) -> StreamingBatchedFunction[_T, _R]: ...
+    def __call__(
+        self, fn: Callable[..., Any], /
+    ) -> (
+        BatchedFunction[Any, Any]
+        | BatchedMethod[Any, Any, Any]
+        | StreamingBatchedFunction[Any, Any]
+    ):
         name = getattr(fn, "__qualname__", None) or repr(fn)
+        if inspect.isasyncgenfunction(inspect.unwrap(fn)):
+            if _required_positionals(fn) != 1 or _defined_in_class_body(fn):
+                raise TypeError(
+                    f"@batch on an async generator needs `async def f(items)` at module or "
+                    f"function level (streaming methods are not supported), got {name!r}"
+                )
+            options = self._options
+            if options.get("name") is None:
+                options = {**options, "name": name}
+            Batcher(fn, **options)
+            return StreamingBatchedFunction(fn, options)
         if not _is_async(fn):
             raise TypeError(
                 f"@batch needs an async function (async def), got {name!r}; its batches are awaited"

@@ -141,7 +141,7 @@ async def test_configure_checks_everything_before_changing_anything() -> None:
         b.configure(max_concurrency=8, interval=math.inf)
     with pytest.raises(ValueError, match="max_weight needs weigh="):
         b.configure(max_weight=3)
-    with pytest.raises(ValueError, match="max_concurrency must be an int, None"):
+    with pytest.raises(TypeError, match="max_concurrency must be an int, None"):
         b.configure(max_concurrency="many")  # type: ignore[arg-type]
     s = b.stats
     assert s.concurrency_limit == 2
