@@ -47,9 +47,11 @@ def catch_loop_errors() -> list[dict[str, Any]]:
 
 async def wait_for(condition: Callable[[], bool], seconds: float = 20.0) -> None:
     """Poll ``condition`` until it holds (fails the test after ``seconds``)."""
-    async with asyncio.timeout(seconds):
-        while not condition():
-            await asyncio.sleep(0.01)
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"not true within {seconds} s")
 
 
 def batcher_of(app: Any) -> Batcher[str, str]:
@@ -123,7 +125,7 @@ async def test_shutdown_lets_a_stream_in_flight_finish_then_closes_the_batcher()
             streaming = asyncio.create_task(ts.stream_tokens(client, prompt))
             await wait_for(lambda: decoder.steps >= 1)
             batcher = batcher_of(app)
-            assert not batcher.closed
+            assert not batcher_of(app).closed
         # The server stopped: it finished the response in progress, then the
         # lifespan closed (drained) the batcher.
         got = await streaming
