@@ -62,17 +62,30 @@ class Adaptive:
     with a multiplicative cut on overload signals. Latency is measured in
     *windows*: the batches dispatched under the limit now in force (a batch
     that started under an earlier limit says nothing about this one), at
-    least ``window`` rounds of ``limit`` batches each. After each window:
+    least ``window`` rounds of ``limit`` batches each (``window * max(limit,
+    4)`` batches). A window's latency is taken by Little's law, from the
+    backlog: the items in the system (``backlog`` plus ``in_flight`` calls of
+    the batch's ``size``, averaged over the window's batches) divided by the
+    rate items were answered at (every batch counted, over the seconds since
+    the previous window ended). It is the latency the queue in front of the
+    sink gives an item now, so it follows a change of limit within a window,
+    where the measured ``latency`` of the items answered lags by the time the
+    queue takes to fill or drain. (Samples that span no time fall back to the
+    measured ``latency``, weighted by ``size``.) A window whose second half
+    differs from its first by more than ``tolerance`` is measured again (at
+    most twice in a row): the queue is still moving. After each window:
 
     - **search**: from the best limit known so far, try the next one in the
       search's direction; a try whose mean latency is lower by more than
       ``tolerance`` (a fraction: ``0.05`` = 5 %) becomes the best and the
       step doubles (1, 2, 4, ...: slow start); a try that is not better sends
       the search back to the best with a step of 1, and a step of 1 that is
-      not better ends the search at the best: the limit *holds* there. Equal
-      latency (within ``tolerance``) counts as not better, so on a plateau the
-      smaller limit wins. A search that begins because latency got worse at a
-      held limit first tries one lower, then one higher.
+      not better ends the search at the best: the limit *holds* there. On a
+      plateau the smaller limit wins: a larger limit with equal latency
+      (within ``tolerance``) is not better, a smaller one is (it becomes the
+      best, the lower of the two latencies staying the one to beat). A
+      search that begins because latency got worse at a held limit first
+      tries lower, then one higher.
     - **hold**: keep the limit and watch the latency at it. If it moves by more
       than twice ``tolerance`` from its reference (an average of the windows held),
       the backend or the load changed: search again, downwards when it got
@@ -87,14 +100,18 @@ class Adaptive:
       rises one slot per clean window), and a new search starts upwards from
       the cut. Samples from batches started before
       the cut cannot cut again (one cut per round trip, as TCP does).
-    - the limit only rises when it was reached in the window (the most calls
-      in flight equalled it): a limit the load does not use tells nothing.
+    - the limit only rises when the window's load was held back by it: the
+      most calls in flight equalled it and a due batch waited for a slot
+      (``waiting`` or ``queued`` above zero). A limit the load does not use
+      tells nothing.
 
     Sources: TensorFlow Serving's ``AdaptiveSharedBatchScheduler`` (hill
     climbing on batch latency averaged over a number of batches, the step
-    doubling while latency keeps improving and reversing when it does not)
-    and Netflix's concurrency-limits (``AIMDLimit``: a multiplicative cut on a
-    drop, no increase while the limit is not used). The hold with periodic
+    doubling while latency keeps improving and reversing when it does not),
+    Netflix's concurrency-limits (``AIMDLimit``: a multiplicative cut on a
+    drop, no increase while the limit is not used) and Little's law (items in
+    a system = the rate they leave at x the time each spends in it; J. D. C.
+    Little, 1961). The hold with periodic
     one-slot probes and the ceiling after an overload are ours: they keep the
     probing (whose latency the callers pay) to a small share of the time.
 
@@ -103,7 +120,8 @@ class Adaptive:
     ``cooldown`` seconds. Nothing else is remembered: a new ``Adaptive``
     starts at ``min`` with an upward search.
 
-    Units: ``latency``, ``now`` and ``cooldown`` are seconds (``loop.time()``).
+    Units: ``latency``, ``queued``, ``duration``, ``now`` and ``cooldown``
+    are seconds (``loop.time()``); ``size`` and ``backlog`` are items.
     One ``Adaptive`` serves one Batcher: it keeps that Batcher's state.
 
     Args:
@@ -125,23 +143,23 @@ class Adaptive:
     """
 
     __slots__ = (
+        "_answered",
         "_base",
-        "_batches",
         "_ceiling",
         "_ceiling_until",
         "_direction",
-        "_early_items",
-        "_early_sum",
         "_gap",
         "_held",
         "_improved",
-        "_late_items",
-        "_late_sum",
+        "_last",
         "_may_reverse",
         "_peak",
         "_phase",
         "_reference",
+        "_samples",
         "_since",
+        "_start",
+        "_starved",
         "_step",
         "_unsettled",
         "backoff",
@@ -162,7 +180,7 @@ class Adaptive:
         tolerance: float = 0.05,
         window: int = 2,
         backoff: float = 0.9,
-        cooldown: float = 1.0,
+        cooldown: float = 0.1,
         probe_every: int = 8,
     ) -> None:
         for name, value in (
@@ -198,11 +216,14 @@ class Adaptive:
         self._since = -math.inf  # loop time of the last change: older batches are stale
         self._ceiling = max + 1  # limits >= it are out of reach until _ceiling_until
         self._ceiling_until = -math.inf
-        # The window: sums of latency * size and items, in its two halves.
-        self._early_sum = self._late_sum = 0.0
-        self._early_items = self._late_items = 0
-        self._batches = 0
+        # The window: (now, items answered so far, items in the system,
+        # latency, size) per batch, and where it began: (now, items answered).
+        self._samples: list[_Sample] = []
+        self._answered = 0  # items answered since the start, every batch counted
+        self._last: tuple[float, int] | None = None  # the latest batch's (now, answered)
+        self._start: tuple[float, int] | None = None
         self._peak = 0  # most calls in flight seen in the window
+        self._starved = False  # a due batch waited for a slot in the window
         self._unsettled = 0  # windows measured again in a row because latency still rose
         # search: the best (limit, latency) so far, direction, step; hold: reference
         self._phase = _SEARCH
@@ -217,21 +238,24 @@ class Adaptive:
 
     def on_batch(self, sample: BatchSample) -> int:
         """Take one batch's sample; return the limit now in force."""
+        answered = self._answered
+        self._answered += sample.size
+        self._last = (sample.now, self._answered)
         if sample.now - sample.duration < self._since:
             return self.limit  # started under an earlier limit
         if sample.overloaded:
             self._overloaded(sample.now)
             return self.limit
-        self._batches += 1
-        # The window's two halves are kept apart to see whether it settled.
-        if self._batches * 2 <= self._window_batches():
-            self._early_sum += sample.latency * sample.size
-            self._early_items += sample.size
-        else:
-            self._late_sum += sample.latency * sample.size
-            self._late_items += sample.size
+        # Items in the system: accepted and not dispatched, plus those in the
+        # sink calls now running (taken to be of this batch's size).
+        in_system = sample.backlog + sample.in_flight * sample.size
+        if self._start is None:
+            self._start = (sample.now - sample.duration, answered)
+        self._samples.append((sample.now, self._answered, in_system, sample.latency, sample.size))
         self._peak = builtins.max(self._peak, sample.in_flight)
-        if self._batches >= self._window_batches():
+        if sample.waiting or sample.queued > 0:
+            self._starved = True
+        if len(self._samples) >= self._window_batches():
             self._decide(sample.now)
         return self.limit
 
@@ -247,16 +271,20 @@ class Adaptive:
         self._search(now, cut, None, 1, False)
 
     def _decide(self, now: float) -> None:
-        early = self._early_sum / self._early_items if self._early_items else 0.0
-        late = self._late_sum / self._late_items if self._late_items else early
-        items = self._early_items + self._late_items
-        latency = (self._early_sum + self._late_sum) / items if items else 0.0
-        used = self._peak >= self.limit
+        samples, start = self._samples, self._start
+        assert start is not None
+        half = len(samples) // 2
+        middle = samples[half - 1]
+        early = _latency(start, samples[:half])
+        late = _latency((middle[0], middle[1]), samples[half:])
+        latency = _latency(start, samples)
+        used = self._peak >= self.limit and self._starved
         limit, tolerance = self.limit, self.tolerance
         self._clear()
-        if late > early * (1 + tolerance) and self._unsettled < _REMEASURE:
-            # Latency still climbing within the window (a queue filling up after
-            # a change): measure again before comparing.
+        moving = late > early * (1 + tolerance) or late < early * (1 - tolerance)
+        if moving and self._unsettled < _REMEASURE:
+            # Latency still moving within the window (a queue filling up or
+            # draining after a change): measure again before comparing.
             self._unsettled += 1
             return
         self._unsettled = 0
@@ -282,8 +310,11 @@ class Adaptive:
             self._try(now, used)
             return
         best, best_latency = base
-        if latency < best_latency * (1 - tolerance):
-            self._base = (limit, latency)
+        # Lower by more than the tolerance is better; so is, below the best,
+        # no worse by more than it (on a plateau the smaller limit wins).
+        smaller = limit < best and latency <= best_latency * (1 + tolerance)
+        if latency < best_latency * (1 - tolerance) or smaller:
+            self._base = (limit, builtins.min(latency, best_latency))
             self._gap = self._step > 1  # the limits jumped over are untested
             if self._improved:
                 self._step *= 2
@@ -363,11 +394,33 @@ class Adaptive:
             self._unsettled = 0
 
     def _clear(self) -> None:
-        self._early_sum = self._late_sum = 0.0
-        self._early_items = self._late_items = self._batches = self._peak = 0
+        self._start = self._last  # windows tile the time: the next begins here
+        self._samples = []
+        self._peak = 0
+        self._starved = False
 
     def __repr__(self) -> str:
         return f"Adaptive(min={self.min}, max={self.max}, limit={self.limit})"
+
+
+_Sample = tuple[float, int, float, float, int]
+
+
+def _latency(start: tuple[float, int], samples: list[_Sample]) -> float:
+    """Mean per-item latency over a run of samples, in seconds, by Little's law.
+
+    Items in the system (the mean over the samples) divided by the rate items
+    were answered at since ``start`` (its ``now`` and items answered then).
+    Without a span of time to take a rate over, the mean measured latency,
+    weighted by size.
+    """
+    now, answered = samples[-1][0], samples[-1][1]
+    span, count = now - start[0], answered - start[1]
+    if span > 0 and count > 0:
+        in_system = sum(sample[2] for sample in samples) / len(samples)
+        return in_system * span / count
+    items = sum(sample[4] for sample in samples)
+    return sum(sample[3] * sample[4] for sample in samples) / items if items else 0.0
 
 
 _REMEASURE = 2  # windows measured again at most, while latency still rises
