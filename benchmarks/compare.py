@@ -1939,7 +1939,7 @@ def render(report: Report, out_path: Path, command: str) -> str:
 
 #: Scripts that write a section of RESULTS.md between their own markers
 #: (``<!-- NAME: begin -->`` ... ``<!-- NAME: end -->``); regenerating keeps them.
-KEPT_SECTIONS = ("redis_streams.py", "scaling.py", "adaptive.py")
+KEPT_SECTIONS = ("redis_streams.py", "scaling.py", "adaptive.py", "streaming.py")
 
 
 def _kept_section(out_path: Path) -> str:
