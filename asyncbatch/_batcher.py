@@ -27,6 +27,7 @@ import time
 import warnings
 from collections import OrderedDict, deque
 from collections.abc import (
+    AsyncGenerator,
     AsyncIterator,
     Awaitable,
     Callable,
@@ -255,6 +256,7 @@ class Batcher(Generic[T, R]):
         "_max_concurrency",
         "_max_pending",
         "_max_size",
+        "_max_wait_setting",
         "_max_weight",
         "_name",
         "_observers",
@@ -320,12 +322,10 @@ class Batcher(Generic[T, R]):
             _check_int("max_pending", max_pending, 1)
         if interval is not None:
             _check_number("interval", interval, positive=True, infinite=False)
-        if max_wait is None:
-            max_wait = None if interval is not None else 0.0
-        else:
+        if max_wait is not None:
             _check_number("max_wait", max_wait, positive=False, infinite=True)
-            if math.isinf(max_wait):
-                max_wait = None  # no linger deadline
+        self._max_wait_setting = max_wait
+        max_wait = _linger(max_wait, interval)
         if max_weight is not None:
             _check_number("max_weight", max_weight, positive=True, infinite=True)
             if weigh is None:
@@ -556,7 +556,7 @@ class Batcher(Generic[T, R]):
         """``submit`` from inside this batcher's own sink call (or a task it started)."""
         self._bind()  # closed or wrong loop: that error first
         self._check_nesting("submit()")
-        self._reentrant[own] = self._reentrant.get(own, 0) + 1
+        self._enter_reentrant(own)
         try:
             return await self._submit(item, timeout)
         finally:
@@ -572,6 +572,11 @@ class Batcher(Generic[T, R]):
                 "doing the same: it would wait forever. Raise max_concurrency (None: no "
                 "limit) above the nesting depth, or call it from outside the sink"
             )
+
+    def _enter_reentrant(self, own: _Batch) -> None:
+        """``own``'s sink waits on this batcher from now on: its slot may be lent."""
+        self._reentrant[own] = self._reentrant.get(own, 0) + 1
+        self._pump()
 
     def _leave_reentrant(self, own: _Batch) -> None:
         left = self._reentrant[own] - 1
@@ -650,7 +655,18 @@ class Batcher(Generic[T, R]):
         discard = self._discard
         assert discard is not None
         if self._put(item, discard) is None:
-            await self._put_when_room(item, discard, None)
+            own = self._own_batch()
+            if own is None:
+                await self._put_when_room(item, discard, None)
+                return
+            # From inside the sink: the room frees only when a batch goes, so
+            # this sink's idle slot is lent (see _pump) while it waits.
+            self._enter_reentrant(own)
+            try:
+                if self._put(item, discard) is None:  # the lent slot may have made room
+                    await self._put_when_room(item, discard, None)
+            finally:
+                self._leave_reentrant(own)
 
     def put_nowait(self, item: T) -> None:
         """Hand one item over now, without waiting for anything (fire-and-forget).
@@ -688,7 +704,7 @@ class Batcher(Generic[T, R]):
             self._refused("rejected")
             raise QueueFull(self._full_message())
 
-    async def submit_stream(self, item: T) -> AsyncIterator[R]:
+    async def submit_stream(self, item: T) -> AsyncGenerator[R, None]:
         """Submit one item to a streaming sink; iterate this caller's own results.
 
         The sink is an async generator function: each step yields one entry
@@ -718,18 +734,28 @@ class Batcher(Generic[T, R]):
                 "submit_stream() needs a streaming sink (use submit())"
             )
         loop = self._bind()
-        stream = Stream(loop=loop)
-        batch = self._put(item, stream)
-        if batch is None:
-            batch = await self._put_when_room(item, stream, None)
+        own = self._own_batch()
+        if own is not None:
+            self._check_nesting("submit_stream()")
+            self._enter_reentrant(own)
         try:
-            async for value in stream.values():
-                yield value
+            stream = Stream(loop=loop)
+            batch = self._put(item, stream)
+            if batch is None:
+                batch = await self._put_when_room(item, stream, None)
+            try:
+                async for value in stream.values():
+                    yield value
+            finally:
+                if not stream.done():
+                    stream.cancel()
+                    self._count_cancelled(batch, stream)
+                    self._withdraw(batch, stream, item)
+                elif not stream.cancelled():
+                    stream.exception()  # the caller left after its end: nothing unretrieved
         finally:
-            if not stream.done():
-                stream.cancel()
-                self._count_cancelled(batch, stream)
-                self._withdraw(batch, stream, item)
+            if own is not None:
+                self._leave_reentrant(own)
 
     @overload
     async def submit_many(
@@ -761,7 +787,7 @@ class Batcher(Generic[T, R]):
         own = self._own_batch()
         if own is not None:
             self._check_nesting("submit_many()")
-            self._reentrant[own] = self._reentrant.get(own, 0) + 1
+            self._enter_reentrant(own)
         try:
             return await self._submit_many(loop, items, return_exceptions)
         finally:
@@ -981,17 +1007,17 @@ class Batcher(Generic[T, R]):
             if max_pending is not None:
                 _check_int("max_pending", max_pending, 1)
             pending = max_pending
-        wait, tick = self._deadlines.max_wait, self._deadlines.interval
+        tick = self._deadlines.interval
         if not isinstance(interval, _Unset):
             if interval is not None:
                 _check_number("interval", interval, positive=True, infinite=False)
             tick = interval
+        wait_setting = self._max_wait_setting
         if not isinstance(max_wait, _Unset):
             if max_wait is not None:
                 _check_number("max_wait", max_wait, positive=False, infinite=True)
-            wait = None if max_wait is None or math.isinf(max_wait) else max_wait
-        elif tick is None and wait is None and not isinstance(interval, _Unset):
-            wait = 0.0  # no heartbeat left and no linger given: the default, 0
+            wait_setting = max_wait
+        wait = _linger(wait_setting, tick)
         weight = self._max_weight
         if not isinstance(max_weight, _Unset):
             if max_weight is not None:
@@ -1018,6 +1044,7 @@ class Batcher(Generic[T, R]):
             )
 
         # Everything checked: apply.
+        self._max_wait_setting = wait_setting
         self._max_size = new_size
         self._max_weight = weight
         self._timeout = call_timeout
@@ -1103,7 +1130,7 @@ class Batcher(Generic[T, R]):
     async def _wait_reentrant(self, own: _Batch) -> None:
         """From inside a sink: wait for the other calls in flight that do not wait on us."""
         others = [b for b in self._inflight if b is not own and b not in self._reentrant]
-        self._reentrant[own] = self._reentrant.get(own, 0) + 1
+        self._enter_reentrant(own)
         try:
             await self._wait_for(others)
         finally:
@@ -1160,6 +1187,7 @@ class Batcher(Generic[T, R]):
         """Pick the per-item path: the inlined one needs nothing computed per item."""
         simple = (
             not self._streaming
+            and self._overflow != "drop_oldest"
             and self._partition is None
             and self._weigh is None
             and self._max_pending is None
@@ -1513,7 +1541,7 @@ class Batcher(Generic[T, R]):
         self._open[pkey] = batch
         self._waiting[batch] = None
         self._undue[batch] = None
-        if self._max_pending is not None and self._overflow == "drop_oldest":
+        if self._overflow == "drop_oldest":  # numbered even before max_pending is set
             batch.arrivals = []
         batch.opened = now = loop.time()
         if self._soon:
@@ -1564,7 +1592,13 @@ class Batcher(Generic[T, R]):
 
     def _pump(self) -> None:
         ready = self._ready
-        while ready and self._busy < self._max_concurrency:
+        limit = self._max_concurrency
+        if self._reentrant:
+            # Sinks waiting on this batcher hold their slots idle: if the limit
+            # dropped under them (configure, Adaptive), one slot is still lent
+            # so that what they wait for can run.
+            limit = max(limit, len(self._reentrant) + 1)
+        while ready and self._busy < limit:
             batch = ready.popleft()
             if not batch.running:  # else retired while it waited (every item dropped)
                 self._start(batch)
@@ -1668,8 +1702,7 @@ class Batcher(Generic[T, R]):
         size = len(items)
         error: BaseException | None = None
         try:
-            for part in self._parts(batch, items, futs, extra):
-                error = await self._run_part(batch, *part) or error
+            error = await self._run_parts(batch, items, futs, extra)
         except asyncio.CancelledError:
             closed = self._call_cancelled()
             error = closed
@@ -1682,40 +1715,37 @@ class Batcher(Generic[T, R]):
         finally:
             self._finish(batch, size, start, error)
 
-    def _parts(
+    async def _run_parts(
         self,
         batch: _Batch,
         items: list[Any],
         futs: list[_Fut],
         extra: list[list[_Fut]] | None,
-    ) -> list[tuple[list[Any], list[_Fut], list[list[_Fut]] | None]]:
-        """The sink calls of one batch: one, unless ``configure`` lowered a limit
-        after the batch filled; then consecutive parts within the new limits,
-        run one after the other in this dispatch slot."""
-        n = len(items)
-        by_weight = self._weigh is not None and batch.weight > self._max_weight
-        if n <= self._max_size and not by_weight:
-            return [(items, futs, extra)]
-        bounds: list[int] = []
-        weight: float = 0
-        count = 0
+    ) -> BaseException | None:
+        """The sink calls of a batch: one, unless ``configure`` lowered ``max_size``
+        or ``max_weight`` after it filled; then consecutive parts, each within
+        the limits in force when it starts, one after the other in this slot."""
+        error: BaseException | None = None
+        while items:
+            n = self._fits(batch, items)
+            part_extra = extra[:n] if extra is not None else None
+            error = await self._run_part(batch, items[:n], futs[:n], part_extra) or error
+            items, futs = items[n:], futs[n:]
+            extra = extra[n:] if extra is not None else None
+        return error
+
+    def _fits(self, batch: _Batch, items: list[Any]) -> int:
+        """How many of ``items`` (at least one) one sink call may take now."""
+        n = min(len(items), self._max_size)
         weigh = self._weigh
-        for i, item in enumerate(items):
-            w = weigh(item) if by_weight and weigh is not None else 0
-            if count and (count >= self._max_size or weight + w > self._max_weight):
-                bounds.append(i)
-                weight = count = 0
-            weight += w
-            count += 1
-        edges = [0, *bounds, n]
-        return [
-            (
-                items[lo:hi],
-                futs[lo:hi],
-                extra[lo:hi] if extra is not None else None,
-            )
-            for lo, hi in itertools.pairwise(edges)
-        ]
+        if weigh is None or batch.weight <= self._max_weight:
+            return n
+        total: float = 0
+        for i in range(n):
+            total += weigh(items[i])
+            if i and total > self._max_weight:
+                return i
+        return n
 
     async def _run_part(
         self,
@@ -1748,6 +1778,9 @@ class Batcher(Generic[T, R]):
                     self._retried(attempts, delay, exc)
                     await asyncio.sleep(delay)
                     items, futs, extra = self._live(batch, items, futs, extra)
+                    if self._fits(batch, items) < len(items):
+                        # configure() lowered a limit meanwhile: the retry goes in parts.
+                        return await self._run_parts(batch, items, futs, extra)
                     if items:
                         continue
                     break
@@ -1757,6 +1790,8 @@ class Batcher(Generic[T, R]):
                     error = exc
                     self._deliver(batch, items, futs, extra, None, exc)
             else:
+                if self._policy is not None and any(map(_overload, values)):
+                    batch.overloaded = True
                 again: list[int] | None = None
                 if retry is not None and attempts < retry.attempts:
                     again = []
@@ -1839,9 +1874,17 @@ class Batcher(Generic[T, R]):
                 await _close_quietly(agen)
 
     async def _next_step(self, agen: Any, size: int) -> object:
-        if self._timeout is None:
-            return await agen.__anext__()
-        return await self._await_in_time(agen.__anext__(), size)
+        try:
+            if self._timeout is None:
+                return await agen.__anext__()
+            return await self._await_in_time(agen.__anext__(), size)
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise
+            raise RuntimeError(
+                f"sink {self._name!r} raised CancelledError without being cancelled"
+            ) from exc
 
     @staticmethod
     def _still_wanted(futs: list[_Fut], extra: list[list[_Fut]] | None) -> bool:
@@ -2587,6 +2630,14 @@ def _extra_list(batch: _Batch) -> list[list[_Fut]] | None:
         return None
     extra = batch.extra
     return [extra.get(i, []) for i in range(len(batch.items))]
+
+
+def _linger(max_wait: float | None, interval: float | None) -> float | None:
+    """The linger deadline in force: ``None`` (not given) is 0, or none with a heartbeat;
+    ``math.inf`` is none."""
+    if max_wait is None:
+        return None if interval is not None else 0.0
+    return None if math.isinf(max_wait) else max_wait
 
 
 def _concurrency(value: object) -> tuple[Adaptive | None, float]:

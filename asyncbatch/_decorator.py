@@ -27,10 +27,12 @@ created, so repeated ``asyncio.run`` calls do not pile batchers up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import weakref
 from collections.abc import (
+    AsyncGenerator,
     AsyncIterator,
     Awaitable,
     Callable,
@@ -370,13 +372,17 @@ class StreamingBatchedFunction(_Lifecycle[_T, _R]):
         self._state = _Batchers(functools.partial(Batcher, fn, **options), name)
         functools.update_wrapper(self, fn, assigned=_ASSIGNED)
 
-    def __call__(self, item: _T, /) -> AsyncIterator[_R]:
+    def __call__(self, item: _T, /) -> AsyncGenerator[_R, None]:
         """This item's stream: :meth:`Batcher.submit_stream` on the running loop's batcher."""
         return self._stream(item)
 
-    async def _stream(self, item: _T) -> AsyncIterator[_R]:
-        async for value in self._state.current().submit_stream(item):
-            yield value
+    async def _stream(self, item: _T) -> AsyncGenerator[_R, None]:
+        # Closed with this generator (contextlib.aclosing, break): the caller
+        # leaves the batcher's stream at once, not when the garbage collector
+        # finalizes it.
+        async with contextlib.aclosing(self._state.current().submit_stream(item)) as stream:
+            async for value in stream:
+                yield value
 
     def __repr__(self) -> str:
         return f"<batched generator function {self.__qualname__}>"

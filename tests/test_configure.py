@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from asyncbatch import Adaptive, Batcher, BatcherClosed, DataLoader, batch
+from asyncbatch import Adaptive, Batcher, BatcherClosed, DataLoader, QueueFull, batch
 
 from .support import RecordingSink, settle
 
@@ -231,3 +231,137 @@ async def test_configure_under_load_keeps_every_invariant() -> None:
     assert sorted(sink.items) == list(range(60))  # each exactly once
     s = b.stats
     assert s.submitted == s.succeeded == 60
+
+
+# ------------------------------------------- found by the second attack round
+
+
+async def test_configure_max_pending_under_drop_oldest_keeps_dropping_the_oldest() -> None:
+    sink = RecordingSink(lambda items: items)
+    sink.gate = asyncio.Event()
+    b = Batcher(sink, max_size=4, max_wait=0.01, max_pending=50, overflow="drop_oldest")
+    busy = b.submit_nowait("busy")
+    await asyncio.sleep(0.02)  # holds the only slot
+    fs = [b.submit_nowait(i) for i in range(2)]
+    b.configure(max_pending=None)
+    fs += [b.submit_nowait(i) for i in range(2, 4)]
+    b.configure(max_pending=2)
+    # Less room applies to newcomers: each drops the oldest pending item (none
+    # is dropped by the configure itself).
+    fs += [b.submit_nowait(i) for i in range(4, 8)]
+    assert b.stats.dropped == 4
+    assert [f.done() and isinstance(f.exception(), QueueFull) for f in fs] == [True] * 4 + [
+        False
+    ] * 4
+    sink.gate.set()
+    assert list(await asyncio.gather(busy, *fs[4:])) == ["busy", 4, 5, 6, 7]
+    await b.aclose()
+
+
+async def test_drop_oldest_batch_opened_before_max_pending_was_set() -> None:
+    sink = RecordingSink(lambda items: items)
+    b = Batcher(sink, max_size=10, max_wait=1.0, overflow="drop_oldest")
+    fs = [b.submit_nowait(i) for i in range(3)]
+    b.configure(max_pending=2)
+    f3 = b.submit_nowait(3)  # drops 0, the oldest: room for 3
+    assert isinstance(fs[0].exception(), QueueFull)
+    assert list(await asyncio.gather(fs[1], fs[2], f3)) == [1, 2, 3]
+    await b.aclose()
+
+
+async def test_max_wait_none_means_the_same_in_configure_as_in_the_constructor() -> None:
+    sink = RecordingSink()
+    b = Batcher(sink, max_size=5, max_wait=1.0)
+    b.configure(max_wait=None)  # the default: 0, end of the loop iteration
+    assert await asyncio.wait_for(b.submit(1), 1) == 10
+    b.configure(max_wait=math.inf, interval=2.0)
+    b.configure(interval=None)  # no heartbeat left; max_wait=inf still means no deadline
+    f = b.submit_nowait(2)
+    await asyncio.sleep(10)
+    assert not f.done()
+    await b.flush()
+    assert await f == 20
+    await b.aclose()
+
+
+async def test_a_retry_after_configure_goes_in_parts_within_the_new_size() -> None:
+    sizes: list[int] = []
+
+    async def sink(items: list[int]) -> list[int]:
+        sizes.append(len(items))
+        if len(sizes) == 1:
+            b.configure(max_size=2)
+            raise ConnectionError("retry me")
+        return items
+
+    from asyncbatch import Retry
+
+    b = Batcher(sink, max_size=8, max_wait=1.0, retry=Retry(attempts=3, backoff=0))
+    futs = [b.submit_nowait(i) for i in range(5)]
+    await b.flush()
+    assert list(await asyncio.gather(*futs)) == [0, 1, 2, 3, 4]
+    assert sizes == [5, 2, 2, 1]
+    await b.aclose()
+
+
+async def test_parts_follow_a_limit_lowered_while_the_batch_runs() -> None:
+    sizes: list[int] = []
+
+    async def sink(items: list[int]) -> list[int]:
+        sizes.append(len(items))
+        if len(sizes) == 2:
+            b.configure(max_size=1)
+        return items
+
+    b = Batcher(sink, max_size=8, max_wait=1.0)
+    futs = [b.submit_nowait(i) for i in range(8)]
+    b.configure(max_size=3)  # [0..7] is now handed over in parts
+    assert list(await asyncio.gather(*futs)) == list(range(8))
+    assert sizes == [3, 3, 1, 1]
+    await b.aclose()
+
+
+async def test_a_limit_lowered_under_a_nested_submit_still_lends_a_slot() -> None:
+    gate = asyncio.Event()
+
+    async def sink(items: list[str]) -> list[str]:
+        if items == ["outer"]:
+            return [await b.submit("inner")]
+        if items == ["other"]:
+            await gate.wait()
+        return items
+
+    b: Batcher[str, str] = Batcher(sink, max_size=1, max_concurrency=2)
+    other = asyncio.create_task(b.submit("other"))
+    await settle()
+    outer = asyncio.create_task(b.submit("outer"))
+    await settle()
+    b.configure(max_concurrency=1)
+    gate.set()
+    assert await asyncio.wait_for(outer, 5) == "inner"
+    assert await other == "other"
+    await b.aclose()
+
+
+async def test_per_item_overload_answers_reach_the_adaptive_policy() -> None:
+    from asyncbatch._concurrency import BatchSample
+
+    class Busy(Exception):
+        retry_after = 0.5
+
+    seen: list[BatchSample] = []
+
+    class Recording(Adaptive):
+        def on_batch(self, sample: BatchSample) -> int:
+            seen.append(sample)
+            return super().on_batch(sample)
+
+    async def sink(items: list[int]) -> list[object]:
+        return [Busy() if x == 1 else x for x in items]
+
+    b = Batcher(sink, max_size=2, max_concurrency=Recording(min=1, max=4))
+    results = await asyncio.gather(b.submit(0), b.submit(1), return_exceptions=True)
+    assert results[0] == 0
+    assert isinstance(results[1], Busy)
+    assert [s.overloaded for s in seen] == [True]
+    await b.aclose()

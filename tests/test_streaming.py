@@ -98,7 +98,7 @@ async def test_a_caller_that_leaves_affects_nobody_and_the_last_one_closes_the_g
 
     async def leave_after(n: int, prompt: str) -> list[str]:
         got: list[str] = []
-        async with contextlib.aclosing(b.submit_stream(prompt)) as stream:  # type: ignore[type-var]
+        async with contextlib.aclosing(b.submit_stream(prompt)) as stream:
             async for value in stream:
                 got.append(value)
                 if len(got) == n:
@@ -125,7 +125,7 @@ async def test_a_timeout_around_a_stream_only_ends_that_caller() -> None:
         with contextlib.suppress(TimeoutError):
             async with (
                 asyncio.timeout(1.5),
-                contextlib.aclosing(b.submit_stream("i")) as s,  # type: ignore[type-var]
+                contextlib.aclosing(b.submit_stream("i")) as s,
             ):
                 async for value in s:
                     got.append(value)
@@ -298,3 +298,71 @@ async def test_end_is_a_named_singleton() -> None:
 
     assert repr(END) == "asyncbatch.END"
     assert pickle.loads(pickle.dumps(END)) is END
+
+
+# ------------------------------------------- found by the second attack round
+
+
+async def test_leaving_after_an_error_entry_leaves_nothing_unretrieved() -> None:
+    async def gen(items: list[str]) -> AsyncIterator[list[object]]:
+        yield [f"{i}:0" for i in items]
+        yield [ValueError(f"bad {i}") for i in items]
+
+    b = streaming(gen, max_size=8)
+    errors: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, ctx: errors.append(ctx))
+
+    async def first_only(i: str) -> str:
+        async with contextlib.aclosing(b.submit_stream(i)) as s:
+            async for x in s:
+                await asyncio.sleep(0.01)  # the error arrives meanwhile
+                return str(x)
+        return "none"
+
+    assert list(await asyncio.gather(first_only("a"), first_only("b"))) == ["a:0", "b:0"]
+    await b.aclose()
+    import gc
+
+    gc.collect()
+    await settle()
+    assert errors == []
+
+
+async def test_submit_stream_from_its_own_generator_beyond_the_slots_raises() -> None:
+    async def gen(items: list[str]) -> AsyncIterator[list[str]]:
+        if items[0] == "outer":
+            inner = [x async for x in b.submit_stream("inner")]
+            yield [",".join(inner)]
+        else:
+            yield items
+
+    b = streaming(gen, max_size=1)
+    with pytest.raises(RuntimeError, match=r"submit_stream\(\) of its own batcher"):
+        await collect(b.submit_stream("outer"))
+    await b.aclose()
+
+
+async def test_a_generator_raising_cancelled_error_itself_fails_its_streams() -> None:
+    async def gen(items: list[str]) -> AsyncIterator[list[str]]:
+        yield items
+        raise asyncio.CancelledError("from inside")
+
+    b = streaming(gen, max_size=8)
+    with pytest.raises(RuntimeError, match="raised CancelledError without being cancelled"):
+        await collect(b.submit_stream("a"))
+    await b.aclose()
+
+
+async def test_put_from_the_sink_waiting_for_room_does_not_deadlock() -> None:
+    seen: list[list[int]] = []
+
+    async def sink(items: list[int]) -> None:
+        seen.append(list(items))
+        if items == [0]:
+            await b.put(100)
+            await b.put(101)  # no room until a batch goes: a slot is lent for it
+
+    b: Batcher[int, None] = Batcher(sink, max_size=1, max_pending=1)
+    await asyncio.wait_for(b.submit(0), 5)
+    await b.aclose()
+    assert seen == [[0], [100], [101]]

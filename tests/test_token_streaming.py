@@ -175,12 +175,6 @@ def test_main_reports_both_routes(capsys: pytest.CaptureFixture[str]) -> None:
     assert out.count("\n") >= 4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="StreamingBatchedFunction._stream does not close its inner submit_stream() "
-    "generator when it is closed: aclosing(f(item)) leaves only when the asyncgen "
-    "finalizer runs, two loop turns later (Batcher.submit_stream leaves at once)",
-)
 async def test_aclosing_a_batch_decorated_stream_leaves_at_once() -> None:
     from asyncbatch import batch
 

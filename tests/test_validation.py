@@ -124,12 +124,14 @@ def test_a_plain_function_sink_is_refused_at_construction(bad: Any) -> None:
         Batcher(bad, retry=Retry(attempts=3, backoff=0))
 
 
-def test_async_generator_sink_is_refused() -> None:
+async def test_an_async_generator_sink_streams_and_refuses_submit() -> None:
     async def gen(items: list[int]) -> Any:
         yield items
 
-    with pytest.raises(TypeError, match="async generator function"):
-        Batcher(gen)
+    b = Batcher(gen)
+    with pytest.raises(TypeError, match=r"use `async for value in batcher\.submit_stream"):
+        await b.submit(1)
+    await b.aclose()
 
 
 @pytest.mark.parametrize(
