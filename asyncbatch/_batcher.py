@@ -248,7 +248,7 @@ class Batcher(Generic[T, R]):
         "_failed",
         "_gone",
         "_heads",
-        "_hot_thread",
+        "_hot",
         "_in_flight",
         "_inflight",
         "_key",
@@ -384,10 +384,12 @@ class Batcher(Generic[T, R]):
 
         self._state = _State.IDLE
         self._loop: asyncio.AbstractEventLoop | None = None
-        # The bound loop's thread while RUNNING, else None. Per item the plain
-        # path only compares thread ids (asyncio.get_running_loop() costs 5x
-        # more on 3.11); the loop itself is checked whenever a batch is opened.
-        self._hot_thread: int | None = None
+        # Per item, the fast paths check only ``self._hot._thread_id`` against the
+        # calling thread: for an asyncio loop ``_hot`` is the bound loop itself,
+        # whose ``_thread_id`` is its thread while it runs and None once it stops
+        # (a stopped loop, another loop in this thread, or another thread all go
+        # through _bind); get_running_loop() would cost 5x more on 3.11.
+        self._hot: Any = _UNBOUND
         self._open: dict[Hashable, _Batch] = {}
         self._waiting: dict[_Batch, None] = {}  # undispatched batches, oldest first
         self._ready: deque[_Batch] = deque()
@@ -505,7 +507,7 @@ class Batcher(Generic[T, R]):
                 return await self._submit_nested(item, timeout, inside[1])
         if self._plain and timeout is None:
             # _put, inlined for the common configuration (as in submit_nowait).
-            if self._hot_thread != _get_ident() or not self._loop.is_running():  # type: ignore[union-attr]
+            if self._hot._thread_id != _get_ident():
                 self._bind()
             batch = self._open.get(None)
             if batch is None:
@@ -607,7 +609,7 @@ class Batcher(Generic[T, R]):
         """
         fut: asyncio.Future[R]
         if self._plain:  # _put, inlined for the common configuration (as in submit)
-            if self._hot_thread != _get_ident() or not self._loop.is_running():  # type: ignore[union-attr]
+            if self._hot._thread_id != _get_ident():
                 self._bind()
             batch = self._open.get(None)
             if batch is None:
@@ -684,7 +686,7 @@ class Batcher(Generic[T, R]):
                 bound one.
         """
         if self._plain:  # _put, inlined (as in submit_nowait)
-            if self._hot_thread != _get_ident() or not self._loop.is_running():  # type: ignore[union-attr]
+            if self._hot._thread_id != _get_ident():
                 self._bind()
             batch = self._open.get(None)
             if batch is None:
@@ -926,7 +928,7 @@ class Batcher(Generic[T, R]):
             await self._aclose_from_sink(own, cancel)
             return
         self._state = _State.CLOSING
-        self._hot_thread = None
+        self._hot = _UNBOUND
         self._closing = loop.create_future()
         self._cancel_on_close = cancel
         while self._putters:
@@ -1103,7 +1105,7 @@ class Batcher(Generic[T, R]):
         loop = self._loop
         assert loop is not None
         self._state = _State.CLOSING
-        self._hot_thread = None
+        self._hot = _UNBOUND
         self._closing = loop.create_future()
         self._cancel_on_close = cancel
         self._close_when_idle = True
@@ -1235,8 +1237,8 @@ class Batcher(Generic[T, R]):
             raise BatcherClosed(f"{self!r} is closed; it accepts no new items")
         bound = self._loop
         if bound is loop:
-            if self._hot_thread is None:  # the loop is ending (shutdown_asyncgens) but runs
-                self._hot_thread = _get_ident()
+            if self._hot is _UNBOUND:  # the loop is ending (shutdown_asyncgens) but runs
+                self._hot = _hot_marker(loop)
             return loop
         if bound is not None:
             if not bound.is_closed() or self._in_flight or self._putters or self._stranded():
@@ -1258,7 +1260,7 @@ class Batcher(Generic[T, R]):
         self._discard = _Discard(loop=loop)
         self._gone = loop.create_future()
         self._gone.set_result(None)
-        self._hot_thread = _get_ident()
+        self._hot = _hot_marker(loop)
         self._deadlines.t0 = loop.time()
         self._state = _State.RUNNING
         self._watch = LoopWatch(self)
@@ -1302,7 +1304,7 @@ class Batcher(Generic[T, R]):
     def _loop_ending(self) -> None:
         """The bound loop is shutting down (``asyncio.run`` ends): say what is lost."""
         self._watch = None
-        self._hot_thread = None  # the next use goes through _bind, which checks the loop
+        self._hot = _UNBOUND  # the next use goes through _bind, which checks the loop
         if self._state is _State.RUNNING and (self._pending or self._in_flight):
             _log.warning(
                 "the event loop of batcher %r is shutting down with %d pending and %d "
@@ -1449,7 +1451,7 @@ class Batcher(Generic[T, R]):
         ``submit_nowait``) and without the options' branches; otherwise it is
         ``submit_nowait``. Raises like ``submit_nowait``.
         """
-        if self._hot_thread != _get_ident() or not self._loop.is_running():  # type: ignore[union-attr]
+        if self._hot._thread_id != _get_ident():
             self._bind()
         if not self._plain_keyed:
             if self._put(item, fut) is None:
@@ -1480,7 +1482,7 @@ class Batcher(Generic[T, R]):
         raises, the items before the failing one may have been accepted: the
         caller withdraws them by cancelling their futures.
         """
-        if self._hot_thread != _get_ident() or not self._loop.is_running():  # type: ignore[union-attr]
+        if self._hot._thread_id != _get_ident():
             self._bind()
         if not self._plain_keyed:
             for item, ix, fut in zip(items, indexes, futs, strict=True):
@@ -2548,6 +2550,35 @@ class Batcher(Generic[T, R]):
 
     def _undispatched(self) -> list[_Batch]:
         return list(self._waiting)
+
+
+class _Unbound:
+    """``Batcher._hot`` while no loop is bound (or the bound one is ending): no thread."""
+
+    __slots__ = ()
+    _thread_id = None
+
+
+_UNBOUND = _Unbound()
+
+
+class _RunningIn:
+    """``Batcher._hot`` for a loop without asyncio's ``_thread_id`` (uvloop): the same
+    answer, from ``is_running()``."""
+
+    __slots__ = ("_ident", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._ident = _get_ident()
+
+    @property
+    def _thread_id(self) -> int | None:
+        return self._ident if self._loop.is_running() else None
+
+
+def _hot_marker(loop: asyncio.AbstractEventLoop) -> object:
+    return loop if hasattr(loop, "_thread_id") else _RunningIn(loop)
 
 
 class _SinkMisuse(TypeError):
