@@ -1770,16 +1770,10 @@ class Batcher(Generic[T, R]):
                 if _overload(exc):
                     batch.overloaded = True
                 final = isinstance(exc, _SinkMisuse)
-                if (
-                    not final
-                    and retry is not None
-                    and attempts < retry.attempts
-                    and retry.retries(exc)
-                ):
-                    delay = retry.delay(attempts, exc)
-                    self._retried(attempts, delay, exc)
-                    await asyncio.sleep(delay)
-                    items, futs, extra = self._live(batch, items, futs, extra)
+                if not final and self._may_retry(attempts, exc):
+                    items, futs, extra = await self._back_off(
+                        batch, attempts, exc, items, futs, extra
+                    )
                     if self._fits(batch, items) < len(items):
                         # configure() lowered a limit meanwhile: the retry goes in parts.
                         return await self._run_parts(batch, items, futs, extra)
@@ -1830,7 +1824,6 @@ class Batcher(Generic[T, R]):
         Retries (``retry``) only until a first step was delivered; ``timeout``
         bounds each step. When every caller has left, the generator is closed.
         """
-        retry = self._retry
         attempts = 0
         while True:
             attempts += 1
@@ -1857,16 +1850,10 @@ class Batcher(Generic[T, R]):
             except Exception as exc:
                 if _overload(exc):
                     batch.overloaded = True
-                if (
-                    not delivered
-                    and retry is not None
-                    and attempts < retry.attempts
-                    and retry.retries(exc)
-                ):
-                    delay = retry.delay(attempts, exc)
-                    self._retried(attempts, delay, exc)
-                    await asyncio.sleep(delay)
-                    items, futs, extra = self._live(batch, items, futs, extra)
+                if not delivered and self._may_retry(attempts, exc):
+                    items, futs, extra = await self._back_off(
+                        batch, attempts, exc, items, futs, extra
+                    )
                     if items:
                         continue
                     return None
@@ -1920,6 +1907,26 @@ class Batcher(Generic[T, R]):
             for stream in waiters:
                 if not stream.done():
                     stream.push(value)  # type: ignore[attr-defined]
+
+    def _may_retry(self, attempts: int, exc: BaseException) -> bool:
+        retry = self._retry
+        return retry is not None and attempts < retry.attempts and retry.retries(exc)
+
+    async def _back_off(
+        self,
+        batch: _Batch,
+        attempts: int,
+        exc: BaseException,
+        items: list[Any],
+        futs: list[_Fut],
+        extra: list[list[_Fut]] | None,
+    ) -> tuple[list[Any], list[_Fut], list[list[_Fut]] | None]:
+        """Wait before try ``attempts + 1``; the callers still there after it."""
+        assert self._retry is not None
+        delay = self._retry.delay(attempts, exc)
+        self._retried(attempts, delay, exc)
+        await asyncio.sleep(delay)
+        return self._live(batch, items, futs, extra)
 
     def _retried(self, attempt: int, delay: float, exc: BaseException) -> None:
         self._retries += 1
