@@ -1961,9 +1961,12 @@ class Batcher(Generic[T, R]):
         loop = self._loop
         assert loop is not None
         call = SinkCall(self._name, len(items), batch.calls, batch.captured or (), loop.time())
+        # The observers of this call are those attached when it started: one
+        # detached meanwhile still gets its call_finished, with its own token.
+        observers = self._observers
         tokens = [
             self._notify("observer call_started", functools.partial(o.call_started, call))
-            for o in self._observers
+            for o in observers
         ]
         error: BaseException | None = None
         try:
@@ -1973,7 +1976,7 @@ class Batcher(Generic[T, R]):
             raise
         finally:
             duration = loop.time() - call.start
-            for observer, token in zip(self._observers, tokens, strict=False):
+            for observer, token in zip(observers, tokens, strict=True):
                 self._notify(
                     "observer call_finished",
                     functools.partial(observer.call_finished, call, token, duration, error),

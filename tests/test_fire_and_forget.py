@@ -289,3 +289,46 @@ async def test_refusals_not_logged_yet_are_logged_at_close(
         await b.aclose()
     full = [r.getMessage() for r in caplog.records if "is full" in r.getMessage()]
     assert sum(int(m.split(": ")[1].split(" items rejected")[0]) for m in full) == 3
+
+
+async def test_an_observer_detached_during_a_call_still_gets_its_own_call_finished() -> None:
+    from asyncbatch._observe import SinkCall
+
+    events: list[tuple[str, str, object]] = []
+
+    class Rec:
+        capture = None
+
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def call_started(self, call: SinkCall) -> object:
+            events.append(("start", self.name, None))
+            return f"token-{self.name}"
+
+        def call_finished(
+            self, call: SinkCall, token: object, duration: float, error: BaseException | None
+        ) -> None:
+            events.append(("finish", self.name, token))
+
+        def batch_finished(self, batcher: str, report: BatchReport) -> None:
+            pass
+
+    gate = asyncio.Event()
+
+    async def sink(items: list[int]) -> list[int]:
+        await gate.wait()
+        return items
+
+    b = Batcher(sink)
+    first, second = Rec("a"), Rec("b")
+    b._attach(first)
+    b._attach(second)
+    f = b.submit_nowait(1)
+    await settle()
+    b._detach(first)  # while the call runs
+    gate.set()
+    assert await f == 1
+    assert ("finish", "a", "token-a") in events
+    assert ("finish", "b", "token-b") in events
+    await b.aclose()
