@@ -458,3 +458,49 @@ async def test_same_name_twice_with_one_meter_provider_is_an_error(
 def test_wrong_target_is_a_type_error(meter_provider: MeterProvider) -> None:
     with pytest.raises(TypeError, match="expected an asyncbatch Batcher"):
         instrument(42, meter_provider=meter_provider)
+
+
+@pytest.fixture
+def fresh_global_meter_provider() -> Iterator[None]:
+    """No global meter provider set (the API's proxy one), restored afterwards."""
+    from opentelemetry.metrics import _internal as api
+    from opentelemetry.util._once import Once
+
+    saved = (api._METER_PROVIDER, api._METER_PROVIDER_SET_ONCE, api._PROXY_METER_PROVIDER)
+    api._METER_PROVIDER = None
+    api._METER_PROVIDER_SET_ONCE = Once()
+    api._PROXY_METER_PROVIDER = api._ProxyMeterProvider()
+    yield
+    api._METER_PROVIDER, api._METER_PROVIDER_SET_ONCE, api._PROXY_METER_PROVIDER = saved
+
+
+@pytest.mark.usefixtures("fresh_global_meter_provider")
+async def test_instrumented_before_and_after_the_global_provider_is_set() -> None:
+    from opentelemetry import metrics
+
+    async def sink(items: list[int]) -> list[int]:
+        return items
+
+    early = Batcher(sink, max_size=2, name="early")
+    instrument(early)  # the proxy provider: no SDK yet
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    metrics.set_meter_provider(provider)
+    late = Batcher(sink, max_size=2, name="late")
+    instrument(late)  # the SDK provider: ends on the same SDK meter
+    with pytest.raises(ValueError, match="'early' is already instrumented"):
+        instrument(Batcher(sink, name="early"))
+    await asyncio.gather(*(early.submit(i) for i in range(4)), *(late.submit(i) for i in range(6)))
+    got = Metrics.collect(reader)
+    assert got.values("asyncbatch.items", "early", "asyncbatch.outcome")["succeeded"] == 4
+    assert got.values("asyncbatch.items", "late", "asyncbatch.outcome")["succeeded"] == 6
+    assert got.values("asyncbatch.batches", "late", "asyncbatch.reason")["size"] == 3
+    assert got.values("asyncbatch.pending", "late") == 0
+    assert got.values("asyncbatch.concurrency.limit", "late") == 1
+    size_points = {
+        dict(p.attributes)["asyncbatch.batcher"]: p for p in got.points["asyncbatch.batch.size"]
+    }
+    assert (size_points["early"].count, size_points["late"].count) == (2, 3)
+    await early.aclose()
+    await late.aclose()
+    provider.shutdown()

@@ -62,7 +62,6 @@ runs per item.
 from __future__ import annotations
 
 import threading
-import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -290,14 +289,13 @@ _Read = Callable[[BatcherStats], Iterable[tuple[int, Mapping[str, str]]]]
 
 
 class _Instruments:
-    """One per meter provider: the instruments, shared by every batcher instrumented there."""
+    """One per meter: the instruments, shared by every batcher instrumented there."""
 
-    _by_provider: ClassVar[weakref.WeakKeyDictionary[MeterProvider, _Instruments]] = (
-        weakref.WeakKeyDictionary()
-    )
+    _all: ClassVar[list[_Instruments]] = []
     _lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, meter: Meter) -> None:
+        self._meter = meter
         self._members: dict[str, BatcherTelemetry] = {}
         self.size = meter.create_histogram(
             "asyncbatch.batch.size",
@@ -369,15 +367,34 @@ class _Instruments:
     @classmethod
     def of(cls, provider: MeterProvider) -> _Instruments:
         with cls._lock:
-            instruments = cls._by_provider.get(provider)
-            if instruments is None:
-                meter = metrics.get_meter(METER_NAME, __version__, meter_provider=provider)
-                instruments = cls._by_provider[provider] = cls(meter)
+            # Keyed by the meter actually returned (an SDK provider returns one
+            # meter per name, whichever provider object asked for it).
+            meter = metrics.get_meter(METER_NAME, __version__, meter_provider=provider)
+            for instruments in cls._all:
+                if instruments._meter is meter:
+                    return instruments
+            instruments = cls(meter)
+            cls._all.append(instruments)
             return instruments
+
+    def _resolved(self) -> object:
+        """The meter that holds the instruments: a proxy meter's real one once it has it."""
+        real = getattr(self._meter, "_real_meter", None)
+        return self._meter if real is None else real
+
+    def _group(self) -> list[_Instruments]:
+        """Every set of instruments ending on the same meter as this one (this one first).
+
+        That meter keeps the callbacks of whichever set registered first and
+        returns the existing instruments to the others: the callbacks of each
+        set report the members of all of them (only one set's callbacks run).
+        """
+        resolved = self._resolved()
+        return [self, *(i for i in list(self._all) if i is not self and i._resolved() is resolved)]
 
     def add(self, telemetry: BatcherTelemetry) -> None:
         with self._lock:
-            if telemetry.name in self._members:
+            if any(telemetry.name in i._members for i in self._group()):
                 raise ValueError(
                     f"a batcher named {telemetry.name!r} is already instrumented with this "
                     "meter provider; its points would be indistinguishable: give each "
@@ -398,7 +415,7 @@ class _Instruments:
         def callback(options: CallbackOptions) -> Iterable[Observation]:
             # No lock: the SDK may collect while holding its own locks, and
             # list() copies the dict atomically.
-            members = list(self._members.values())
+            members = [m for group in self._group() for m in list(group._members.values())]
             observations = []
             for member in members:
                 if loaders_only and not is_loader(member.target):
