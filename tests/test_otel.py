@@ -436,7 +436,8 @@ async def test_same_name_twice_with_one_meter_provider_is_an_error(
     async def sink(items: list[int]) -> list[int]:
         return items
 
-    first = instrument(Batcher(sink, name="orders"), meter_provider=meter_provider)
+    orders = Batcher(sink, name="orders")  # held: a batcher gone frees its name
+    first = instrument(orders, meter_provider=meter_provider)
     with pytest.raises(ValueError, match="'orders' is already instrumented"):
         instrument(Batcher(sink, name="orders"), meter_provider=meter_provider)
     other = MeterProvider(metric_readers=[InMemoryMetricReader()])
@@ -445,7 +446,8 @@ async def test_same_name_twice_with_one_meter_provider_is_an_error(
     first.remove()
     first.remove()
     assert repr(first) == "<BatcherTelemetry batcher='orders' [removed]>"
-    again = instrument(Batcher(sink, name="orders"), meter_provider=meter_provider)
+    orders = Batcher(sink, name="orders")
+    again = instrument(orders, meter_provider=meter_provider)
     assert isinstance(again, BatcherTelemetry)
     assert (
         Metrics.collect(reader).values("asyncbatch.items", "orders", "asyncbatch.outcome")[

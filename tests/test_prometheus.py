@@ -10,8 +10,11 @@ parser. Last, the web-service example's ``/metrics`` route, served by uvicorn
 from __future__ import annotations
 
 import asyncio
+import gc
 import sys
+import threading
 import urllib.request
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -354,7 +357,8 @@ async def test_same_name_twice_in_one_registry_is_an_error(registry: CollectorRe
     async def sink(items: list[int]) -> list[int]:
         return items
 
-    first = instrument(Batcher(sink, name="orders"), registry=registry)
+    orders = Batcher(sink, name="orders")  # held: a batcher gone frees its name
+    first = instrument(orders, registry=registry)
     with pytest.raises(ValueError, match="'orders' is already instrumented"):
         instrument(Batcher(sink, name="orders"), registry=registry)
     # Another registry is another namespace; removing frees the name.
@@ -362,7 +366,8 @@ async def test_same_name_twice_in_one_registry_is_an_error(registry: CollectorRe
     first.remove()
     first.remove()  # idempotent
     assert repr(first) == "<BatcherMetrics batcher='orders' [removed]>"
-    again = instrument(Batcher(sink, name="orders"), registry=registry)
+    orders = Batcher(sink, name="orders")
+    again = instrument(orders, registry=registry)
     assert isinstance(again, BatcherMetrics)
     assert (
         Scrape.parse(_exposition(registry)).value(
@@ -464,3 +469,94 @@ async def test_web_service_example_serves_metrics() -> None:
     assert got.histogram("asyncbatch_batch_wait_seconds", "prices")[1] == calls
     assert got.value("asyncbatch_concurrency_limit", batcher="prices") == 4
     assert got.value("asyncbatch_in_flight_items", batcher="prices") == 0
+
+
+def _succeeded(registry: CollectorRegistry, name: str) -> float:
+    return Scrape.parse(_exposition(registry)).value(
+        "asyncbatch_items_total", batcher=name, outcome="succeeded"
+    )
+
+
+def test_batch_function_sums_its_batchers_of_every_loop_and_never_goes_back(
+    registry: CollectorRegistry,
+) -> None:
+    @batch(max_size=2, name="multi")
+    async def double(items: list[int]) -> list[int]:
+        return [x * 2 for x in items]
+
+    instrument(double, registry=registry)
+    started = threading.Barrier(3, timeout=10)
+    release = threading.Event()
+
+    async def work(n: int) -> None:
+        await asyncio.gather(*(double(i) for i in range(n)))
+        started.wait()  # both loops live, each with its own batcher
+        release.wait(10)
+
+    threads = [threading.Thread(target=asyncio.run, args=(work(n),)) for n in (3, 4)]
+    for thread in threads:
+        thread.start()
+    started.wait()
+    scrape = Scrape.parse(_exposition(registry))
+    assert scrape.value("asyncbatch_items_total", batcher="multi", outcome="succeeded") == 7
+    assert scrape.value("asyncbatch_batches_total", batcher="multi", reason="size") == 3
+    assert scrape.value("asyncbatch_concurrency_limit", batcher="multi") == 2
+    assert scrape.value("asyncbatch_batch_size_count", batcher="multi") == 4
+    release.set()
+    for thread in threads:
+        thread.join()
+
+    async def replace(before: int) -> None:  # a new loop: the closed loops' batchers are forgotten
+        await asyncio.gather(*(double(i) for i in range(2)))
+        await double.aclose()
+        assert _succeeded(registry, "multi") == before + 2
+        await double(5)  # a fresh batcher replaces the closed one
+        await double.aclose()
+
+    asyncio.run(replace(7))
+    assert _succeeded(registry, "multi") == 10
+    asyncio.run(replace(10))
+    assert _succeeded(registry, "multi") == 13
+
+
+def test_an_instrumented_batcher_is_not_kept_alive(registry: CollectorRegistry) -> None:
+    async def sink(items: list[int]) -> list[int]:
+        return items
+
+    orders = Batcher(sink, name="orders")
+    metrics = instrument(orders, registry=registry)
+    assert _succeeded(registry, "orders") == 0
+    gone = weakref.ref(orders)
+    del orders
+    gc.collect()
+    assert gone() is None
+    assert metrics.target is None
+    assert "orders" not in _exposition(registry)
+    again = Batcher(sink, name="orders")  # the name is free again
+    instrument(again, registry=registry)
+    assert asyncio.run(_submit(again, 3)) == [0, 1, 2]
+    assert _succeeded(registry, "orders") == 3
+    metrics.remove()  # a no-op: its target is gone
+
+
+async def _submit(batcher: Batcher[int, int], n: int) -> list[int]:
+    try:
+        return list(await asyncio.gather(*(batcher.submit(i) for i in range(n))))
+    finally:
+        await batcher.aclose()
+
+
+def test_a_registry_is_freed_after_instrument() -> None:
+    async def sink(items: list[int]) -> list[int]:
+        return items
+
+    orders = Batcher(sink, name="orders")
+    registry = CollectorRegistry()
+    metrics = instrument(orders, registry=registry)
+    assert _succeeded(registry, "orders") == 0
+    gone = weakref.ref(registry)
+    del registry
+    gc.collect()
+    assert gone() is None
+    assert metrics.registry is None
+    metrics.remove()

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Sequence
+import threading
+import weakref
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from .._stats import BatcherStats
@@ -21,6 +24,7 @@ __all__ = [
     "REASONS",
     "SIZE_BUCKETS",
     "WAIT_BUCKETS",
+    "Source",
     "buckets",
     "is_loader",
     "outcome_counts",
@@ -87,3 +91,83 @@ def is_loader(target: Any) -> bool:
     from .._loader import DataLoader
 
     return isinstance(target, DataLoader)
+
+
+_COUNTERS: tuple[str, ...] = (
+    "submitted", *OUTCOMES, "batches", "retries", "cache_hits", "cache_misses",
+)  # fmt: skip
+"""The cumulative ``BatcherStats`` fields (summed over gone batchers too)."""
+
+
+class Source:
+    """What an integration reads a target's figures from, holding the target weakly.
+
+    A target that cannot be weakly referenced is held strongly. For an
+    ``@batch`` function or bound method, the figures are summed over every
+    batcher it has (one per event loop, a closed one until it is replaced),
+    and the counts of batchers that went away (replaced after ``aclose()``,
+    or forgotten once their loop closed) are kept, so counters never go back.
+    A batcher that started and went away entirely between two reads is not
+    counted.
+    """
+
+    __slots__ = ("_gone", "_gone_reasons", "_lock", "_ref", "_seen", "_strong", "is_loader")
+
+    def __init__(self, target: Any) -> None:
+        self._ref: Callable[[], Any] | None
+        self._strong: Any
+        try:
+            self._ref, self._strong = weakref.ref(target), None
+        except TypeError:
+            self._ref, self._strong = None, target
+        self.is_loader = is_loader(target)
+        self._seen: dict[int, Any] = {}  # id -> batcher of a wrapper, held until seen gone
+        self._gone: Counter[str] = Counter()
+        self._gone_reasons: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def target(self) -> Any:
+        """The target, or ``None`` once it has been garbage collected."""
+        return self._strong if self._ref is None else self._ref()
+
+    def stats(self) -> BatcherStats | None:
+        """The target's figures now, ``None`` once it is gone."""
+        target = self.target()
+        if target is None:
+            return None
+        from .._decorator import _Batchers
+
+        state = getattr(target, "_state", None)
+        if not isinstance(state, _Batchers):
+            stats: BatcherStats = target.stats
+            return stats
+        with self._lock:
+            # list() copies a dict atomically: another thread may run its loop.
+            current = {
+                id(b): b for b in [*list(state._live.values()), *list(state._closed.values())]
+            }
+            for key, batcher in self._seen.items():
+                if key not in current:  # gone: closed, its figures are final
+                    final = batcher.stats
+                    for name in _COUNTERS:
+                        self._gone[name] += getattr(final, name)
+                    self._gone_reasons.update(final.reasons)
+            self._seen = current
+            totals = Counter(self._gone)
+            reasons = Counter(self._gone_reasons)
+        pending = in_flight = limit = 0
+        for batcher in current.values():
+            each = batcher.stats
+            for name in _COUNTERS:
+                totals[name] += getattr(each, name)
+            reasons.update(each.reasons)
+            pending += each.pending
+            in_flight += each.in_flight
+            limit += each.concurrency_limit
+        return BatcherStats(
+            **{name: totals[name] for name in _COUNTERS},
+            pending=pending,
+            in_flight=in_flight,
+            reasons=dict(reasons),
+            concurrency_limit=limit if current else BatcherStats().concurrency_limit,
+        )

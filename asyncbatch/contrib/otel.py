@@ -77,13 +77,13 @@ except ImportError as exc:  # pragma: no cover - the test extra installs opentel
     ) from exc
 
 from .. import __version__
-from .._observe import MAX_LINKS, SinkCall, attach, detach, name_of, stats_of
+from .._observe import MAX_LINKS, SinkCall, attach, detach, name_of
 from .._stats import BatcherStats, BatchReport
 from ._figures import (
     DURATION_BUCKETS,
     SIZE_BUCKETS,
     WAIT_BUCKETS,
-    is_loader,
+    Source,
     outcome_counts,
     reason_counts,
 )
@@ -215,7 +215,7 @@ class BatcherTelemetry:
         self, target: Any, instruments: _Instruments, tracer_provider: TracerProvider | None
     ) -> None:
         self.name = name_of(target)
-        self.target = target
+        self._source = Source(target)
         self.tracing = tracer_provider is not None
         self._instruments = instruments
         self._attributes: Mapping[str, str] = {BATCHER: self.name}
@@ -227,6 +227,11 @@ class BatcherTelemetry:
         )
         self._capture = None if tracer_provider is None else _context_getter()
         self._removed = False
+
+    @property
+    def target(self) -> Any:
+        """The instrumented target (held weakly): ``None`` once it is gone."""
+        return self._source.target()
 
     def __repr__(self) -> str:
         state = "removed" if self._removed else ("tracing" if self.tracing else "metrics")
@@ -246,7 +251,9 @@ class BatcherTelemetry:
         if self._removed:
             return
         self._removed = True
-        detach(self.target, self)
+        target = self.target
+        if target is not None:
+            detach(target, self)
         self._instruments.discard(self)
 
     # Observer hooks (run on the batcher's loop).
@@ -394,6 +401,10 @@ class _Instruments:
 
     def add(self, telemetry: BatcherTelemetry) -> None:
         with self._lock:
+            for group in self._group():
+                existing = group._members.get(telemetry.name)
+                if existing is not None and existing.target is None:
+                    del group._members[telemetry.name]  # its target is gone: the name is free
             if any(telemetry.name in i._members for i in self._group()):
                 raise ValueError(
                     f"a batcher named {telemetry.name!r} is already instrumented with this "
@@ -418,9 +429,13 @@ class _Instruments:
             members = [m for group in self._group() for m in list(group._members.values())]
             observations = []
             for member in members:
-                if loaders_only and not is_loader(member.target):
+                if loaders_only and not member._source.is_loader:
                     continue
-                for value, attributes in read(stats_of(member.target)):
+                stats = member._source.stats()
+                if stats is None:  # the target is gone: so are its points, and its name
+                    member._instruments.discard(member)
+                    continue
+                for value, attributes in read(stats):
                     observations.append(Observation(value, {BATCHER: member.name, **attributes}))
             return observations
 

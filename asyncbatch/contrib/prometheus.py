@@ -73,14 +73,14 @@ except ImportError as exc:  # pragma: no cover - the test extra installs prometh
         "extra, pip install 'asyncbatch[prometheus]'"
     ) from exc
 
-from .._observe import SinkCall, attach, detach, name_of, stats_of
+from .._observe import SinkCall, attach, detach, name_of
 from .._stats import BatchReport
 from ._figures import (
     DURATION_BUCKETS,
     SIZE_BUCKETS,
     WAIT_BUCKETS,
+    Source,
     buckets,
-    is_loader,
     outcome_counts,
     reason_counts,
 )
@@ -206,12 +206,22 @@ class BatcherMetrics:
         wait_buckets: tuple[float, ...],
     ) -> None:
         self.name = name_of(target)
-        self.target = target
-        self.registry = registry
+        self._source = Source(target)
+        self._registry = weakref.ref(registry)
         self._size = _Histogram(size_buckets)
         self._duration = _Histogram(duration_buckets)
         self._wait = _Histogram(wait_buckets)
         self._removed = False
+
+    @property
+    def target(self) -> Any:
+        """The instrumented target (held weakly): ``None`` once it is gone."""
+        return self._source.target()
+
+    @property
+    def registry(self) -> CollectorRegistry | None:
+        """The registry (held weakly): ``None`` once it is gone."""
+        return self._registry()
 
     def __repr__(self) -> str:
         state = "removed" if self._removed else "exporting"
@@ -222,8 +232,12 @@ class BatcherMetrics:
         if self._removed:
             return
         self._removed = True
-        detach(self.target, self)
-        _Collector.of(self.registry).discard(self)
+        target = self.target
+        if target is not None:
+            detach(target, self)
+        registry = self.registry
+        if registry is not None:
+            _Collector.of(registry).discard(self)
 
     # Observer hooks (run on the batcher's loop).
 
@@ -257,8 +271,10 @@ class _Collector(Collector):
     _lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self._registry = registry
+        # Weakly: the registry is the key of ``_by_registry``, whose value this is.
+        self._registry = weakref.ref(registry)
         self._members: dict[str, BatcherMetrics] = {}
+        self._registered = False
 
     @classmethod
     def of(cls, registry: CollectorRegistry) -> _Collector:
@@ -270,15 +286,21 @@ class _Collector(Collector):
 
     def add(self, metrics: BatcherMetrics) -> None:
         with self._lock:
-            if metrics.name in self._members:
+            existing = self._members.get(metrics.name)
+            if existing is not None and existing.target is None:
+                del self._members[metrics.name]  # its target is gone: the name is free
+                existing = None
+            if existing is not None:
                 raise ValueError(
                     f"a batcher named {metrics.name!r} is already instrumented in this "
                     "registry; its series would be indistinguishable: give each batcher "
                     "its own name= (or remove() the first one)"
                 )
-            if not self._members:
+            registry = self._registry()
+            if not self._registered and registry is not None:
                 # Raises ValueError if another collector exports one of our names.
-                self._registry.register(self)
+                registry.register(self)
+                self._registered = True
             self._members[metrics.name] = metrics
 
     def discard(self, metrics: BatcherMetrics) -> None:
@@ -286,8 +308,10 @@ class _Collector(Collector):
             if self._members.get(metrics.name) is not metrics:
                 return
             del self._members[metrics.name]
-            if not self._members:
-                self._registry.unregister(self)
+            registry = self._registry()
+            if not self._members and self._registered and registry is not None:
+                registry.unregister(self)
+                self._registered = False
 
     def describe(self) -> Iterator[Metric]:
         """The metric families, without samples (lets the registry check names)."""
@@ -303,7 +327,12 @@ class _Collector(Collector):
         )
         for member in members:
             name = member.name
-            stats = stats_of(member.target)
+            stats = member._source.stats()
+            if stats is None:  # the target is gone: so are its series, and its name
+                with self._lock:
+                    if self._members.get(name) is member:
+                        del self._members[name]
+                continue
             for outcome, count in outcome_counts(stats):
                 items.add_metric([name, outcome], count)
             for reason, count in reason_counts(stats):
@@ -312,7 +341,7 @@ class _Collector(Collector):
             in_flight.add_metric([name], stats.in_flight)
             retries.add_metric([name], stats.retries)
             limit.add_metric([name], stats.concurrency_limit)
-            if is_loader(member.target):
+            if member._source.is_loader:
                 hits.add_metric([name], stats.cache_hits)
                 misses.add_metric([name], stats.cache_misses)
             for family, histogram in zip((size, duration, wait), member._histograms(), strict=True):
