@@ -506,3 +506,64 @@ async def test_instrumented_before_and_after_the_global_provider_is_set() -> Non
     await early.aclose()
     await late.aclose()
     provider.shutdown()
+
+
+def test_batch_function_sums_its_batchers_and_never_goes_back(
+    meter_provider: MeterProvider, reader: InMemoryMetricReader
+) -> None:
+    @batch(max_size=2, name="multi")
+    async def double(items: list[int]) -> list[int]:
+        return [x * 2 for x in items]
+
+    instrument(double, meter_provider=meter_provider)
+
+    async def work(n: int) -> None:
+        await asyncio.gather(*(double(i) for i in range(n)))
+
+    asyncio.run(work(3))
+    got = Metrics.collect(reader)
+    assert got.values("asyncbatch.items", "multi", "asyncbatch.outcome")["succeeded"] == 3
+
+    async def replace() -> None:  # a new loop; then a fresh batcher after aclose()
+        await work(4)
+        await double.aclose()
+        got = Metrics.collect(reader)  # (a batcher never collected before it goes is missed)
+        assert got.values("asyncbatch.items", "multi", "asyncbatch.outcome")["succeeded"] == 7
+        await work(1)
+
+    asyncio.run(replace())
+    got = Metrics.collect(reader)
+    assert got.values("asyncbatch.items", "multi", "asyncbatch.outcome")["succeeded"] == 8
+    assert got.values("asyncbatch.batches", "multi", "asyncbatch.reason")["size"] == 3
+
+
+def test_an_instrumented_batcher_is_not_kept_alive(
+    meter_provider: MeterProvider, reader: InMemoryMetricReader
+) -> None:
+    import gc
+    import weakref
+
+    async def sink(items: list[int]) -> list[int]:
+        return items
+
+    orders = Batcher(sink, name="orders")
+    telemetry = instrument(orders, meter_provider=meter_provider)
+    assert Metrics.collect(reader).values("asyncbatch.pending", "orders") == 0
+    gone = weakref.ref(orders)
+    del orders
+    gc.collect()
+    assert gone() is None
+    assert telemetry.target is None
+    data = reader.get_metrics_data()  # no batcher left: no point at all
+    assert data is None or not [
+        p
+        for r in data.resource_metrics
+        for s in r.scope_metrics
+        for m in s.metrics
+        for p in m.data.data_points
+        if dict(p.attributes).get("asyncbatch.batcher") == "orders"
+    ]
+    again = Batcher(sink, name="orders")  # the name is free again
+    instrument(again, meter_provider=meter_provider)
+    assert Metrics.collect(reader).values("asyncbatch.pending", "orders") == 0
+    telemetry.remove()

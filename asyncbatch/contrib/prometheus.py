@@ -42,9 +42,12 @@ Nothing runs per item. Counters and gauges are read from the target's
 once per sink call and once per batch by an observer the batcher calls (see
 ``asyncbatch._observe``); the user's ``on_batch`` is left alone.
 
-Counters restart from 0 when the counted batcher does: an ``@batch`` function
-starts a fresh batcher after ``aclose()`` (Prometheus' ``rate()`` handles
-resets). Scraped from another thread (``start_http_server``), the figures of
+An ``@batch`` function's figures are summed over its batchers (one per event
+loop); the counts of a batcher it replaced after ``aclose()``, or forgot once
+its loop closed, are kept, so its counters never go back. The target is held
+weakly: once it is garbage collected its series go and its name is free.
+
+Scraped from another thread (``start_http_server``), the figures of
 one batcher are read without stopping its loop, so two of them may be a few
 items apart; each one is exact.
 """
