@@ -561,7 +561,7 @@ def test_an_instrumented_batcher_is_not_kept_alive(
         for s in r.scope_metrics
         for m in s.metrics
         for p in m.data.data_points
-        if dict(p.attributes).get("asyncbatch.batcher") == "orders"
+        if dict(p.attributes or {}).get("asyncbatch.batcher") == "orders"
     ]
     again = Batcher(sink, name="orders")  # the name is free again
     instrument(again, meter_provider=meter_provider)
