@@ -521,9 +521,7 @@ class Batcher(Generic[T, R]):
             try:
                 return await fut  # type: ignore[no-any-return]
             except asyncio.CancelledError:
-                if fut.cancelled():
-                    self._count_cancelled(batch, fut)
-                    self._withdraw(batch, fut, item)
+                self._caller_left(batch, fut, item)
                 raise
         return await self._submit(item, timeout)
 
@@ -544,9 +542,7 @@ class Batcher(Generic[T, R]):
         try:
             return await fut  # type: ignore[no-any-return]
         except asyncio.CancelledError:
-            if fut.cancelled():
-                self._count_cancelled(batch, fut)
-                self._withdraw(batch, fut, item)
+            self._caller_left(batch, fut, item)
             raise
 
     async def _submit_nested(
@@ -2229,6 +2225,12 @@ class Batcher(Generic[T, R]):
             self._peak_pending = self._pending  # peaks that end without a dispatch count too
         self._pending -= n
 
+    def _caller_left(self, batch: _Batch, fut: _Fut, item: T) -> None:
+        """A waiting caller was cancelled: count it and withdraw its item (if its own)."""
+        if fut.cancelled():
+            self._count_cancelled(batch, fut)
+            self._withdraw(batch, fut, item)
+
     def _withdraw(self, batch: _Batch, fut: _Fut, item: T) -> None:
         """A caller left before its result: release its room if still pending. O(1)."""
         if batch.running:
@@ -2504,9 +2506,7 @@ class Batcher(Generic[T, R]):
         try:
             return await fut  # type: ignore[no-any-return]
         except asyncio.CancelledError:
-            if fut.cancelled():
-                self._count_cancelled(batch, fut)
-                self._withdraw(batch, fut, item)
+            self._caller_left(batch, fut, item)
             raise
         finally:
             handle.cancel()
