@@ -21,7 +21,12 @@ wrapper creates on first use. Where that batcher lives:
   ``"__weakref__"`` in them).
 
 Entries of loops that have been closed are dropped whenever a new batcher is
-created, so repeated ``asyncio.run`` calls do not pile batchers up.
+created (or the figures are read), so repeated ``asyncio.run`` calls do not
+pile batchers up. A batcher let go (its loop closed, its instance collected,
+replaced after ``aclose()``) has its final counts folded into a running total
+first, so the metrics integrations (``asyncbatch._observe.figures_of``) sum a
+wrapper over every batcher it ever had: its counters never go back. None of
+this is on the per-item path: a call looks its batcher up in one dict.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ import asyncio
 import contextlib
 import functools
 import inspect
+import threading
 import weakref
+from collections import deque
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
@@ -45,7 +52,7 @@ from typing import Any, Generic, Literal, Self, TypedDict, TypeVar, Unpack, over
 
 from ._batcher import _UNSET, Batcher, Overflow, _Unset
 from ._concurrency import Adaptive
-from ._observe import Observer
+from ._observe import Figures, Observer, Totals
 from ._retry import Retry
 from ._stats import BatcherStats, BatchReport
 
@@ -98,6 +105,72 @@ _METHOD_SIGNATURE = inspect.Signature([_SELF, _ITEM, _TIMEOUT])
 _ASSIGNED = ("__module__", "__name__", "__qualname__", "__doc__")
 
 
+_Loop = asyncio.AbstractEventLoop
+
+
+class _Retired:
+    """The batchers a wrapper let go, for its metrics (guarded by the owner's lock).
+
+    ``totals`` holds the final counts of those that are done. ``draining``
+    holds those whose loop still runs with items pending or in flight (one
+    replaced while its ``aclose()`` drains; an instance's, collected with
+    ``put`` items left): their counts still move, so they are read like kept
+    batchers until :meth:`settle` finds them done and folds them in.
+    """
+
+    __slots__ = ("draining", "totals")
+
+    def __init__(self) -> None:
+        self.totals = Totals()
+        self.draining: list[tuple[_Loop, Batcher[Any, Any]]] = []
+
+    def add(self, loop: _Loop, batcher: Batcher[Any, Any]) -> None:
+        self.draining.append((loop, batcher))
+
+    def settle(self) -> None:
+        """Fold in the draining batchers that are done: loop closed, or nothing left."""
+        if not self.draining:
+            return
+        keep = []
+        for loop, batcher in self.draining:
+            stats = batcher.stats
+            if loop.is_closed() or not (stats.pending or stats.in_flight):
+                self.totals.add(stats)
+            else:
+                keep.append((loop, batcher))
+        self.draining = keep
+
+    def batchers(self) -> list[Batcher[Any, Any]]:
+        return [batcher for _, batcher in self.draining]
+
+
+class _Family:
+    """What the per-instance batchers of one ``@batch`` method share.
+
+    ``lock`` guards every instance's tables and this; ``observers`` are the
+    ones attached to the method on the class (every instance, those to come
+    included); ``retired`` the figures of instances that are gone. ``dead``
+    is where an instance's weak-reference callback leaves its batchers: that
+    callback runs while the instance is deallocated, in any thread, maybe in
+    a garbage collection pass started while this thread holds ``lock``, so it
+    takes no lock; the next :meth:`collect` (under ``lock``) folds them in.
+    """
+
+    __slots__ = ("dead", "lock", "observers", "retired")
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.observers: list[Observer] = []
+        self.retired = _Retired()
+        self.dead: deque[_Batchers[Any, Any]] = deque()
+
+    def collect(self) -> None:
+        """Fold the batchers of gone instances in (call with ``lock`` held)."""
+        while self.dead:
+            self.dead.popleft().fold_into(self.retired)
+        self.retired.settle()
+
+
 class _Batchers(Generic[_T, _R]):
     """The batchers of one sink (a function, or a method bound to one instance), one per loop.
 
@@ -107,18 +180,43 @@ class _Batchers(Generic[_T, _R]):
     until the next call on that loop starts a fresh one. Batchers are closed
     only through ``aclose()`` here (they are not handed out), so an entry of
     ``_live`` is always open.
+
+    A batcher let go (replaced after ``aclose()``, or its loop closed) goes
+    to ``_retired``, which keeps its counts. Every change to the tables is
+    made under ``_lock`` (rare paths only: a batcher's start, ``aclose()``,
+    attaching, a read of the figures), so :meth:`figures` sees each batcher
+    in exactly one place. For a method, ``_family`` is the method's: its lock
+    and observers are shared by all its instances.
     """
 
-    __slots__ = ("_closed", "_latest", "_live", "_make", "_observers", "_settings", "name")
+    __slots__ = (
+        "_closed",
+        "_family",
+        "_folded",
+        "_latest",
+        "_live",
+        "_lock",
+        "_make",
+        "_observers",
+        "_retired",
+        "_settings",
+        "name",
+    )
 
-    def __init__(self, make: Callable[[], Batcher[_T, _R]], name: str) -> None:
+    def __init__(
+        self, make: Callable[..., Batcher[_T, _R]], name: str, family: _Family | None = None
+    ) -> None:
         self._make = make
         self.name = name
-        self._live: dict[asyncio.AbstractEventLoop, Batcher[_T, _R]] = {}
-        self._closed: dict[asyncio.AbstractEventLoop, Batcher[_T, _R]] = {}
+        self._live: dict[_Loop, Batcher[_T, _R]] = {}
+        self._closed: dict[_Loop, Batcher[_T, _R]] = {}
         self._latest: Batcher[_T, _R] | None = None
         self._observers: list[Observer] = []
         self._settings: dict[str, Any] = {}  # configure()d since the decoration
+        self._family = family
+        self._lock = threading.RLock() if family is None else family.lock
+        self._retired = _Retired()
+        self._folded = False  # its instance is gone and its figures moved to the family
 
     def configure(self, changes: dict[str, Any]) -> None:
         """Apply ``changes`` to every open batcher and to those made from now on."""
@@ -129,14 +227,24 @@ class _Batchers(Generic[_T, _R]):
 
     def attach(self, observer: Observer) -> None:
         """Watch every batcher of this sink, those to come included."""
-        self._observers.append(observer)
-        for batcher in list(self._live.values()):
+        with self._lock:
+            self._observers.append(observer)
+            self.attach_current(observer)
+
+    def attach_current(self, observer: Observer) -> None:
+        """Attach ``observer`` to the open batchers only (``_lock`` held)."""
+        for batcher in self._live.values():
             batcher._attach(observer)
 
     def detach(self, observer: Observer) -> None:
-        if observer in self._observers:
-            self._observers.remove(observer)
-        for batcher in [*self._live.values(), *self._closed.values()]:
+        with self._lock:
+            if observer in self._observers:
+                self._observers.remove(observer)
+            self.detach_all(observer)
+
+    def detach_all(self, observer: Observer) -> None:
+        """Detach ``observer`` from every batcher still here (``_lock`` held)."""
+        for batcher in [*self._live.values(), *self._closed.values(), *self._retired.batchers()]:
             batcher._detach(observer)
 
     def current(self) -> Batcher[_T, _R]:
@@ -147,21 +255,50 @@ class _Batchers(Generic[_T, _R]):
             batcher = self._start(loop)
         return batcher
 
-    def _start(self, loop: asyncio.AbstractEventLoop) -> Batcher[_T, _R]:
+    def _start(self, loop: _Loop) -> Batcher[_T, _R]:
         # Rare path: first call on this loop, or first call after ``aclose()``.
-        # Forget the batchers of closed loops here: no loop can run them again.
-        # (``list()`` copies a dict atomically; another thread may be running
-        # its own loop through the same wrapper.)
-        for table in (self._live, self._closed):
-            for other in [other for other in list(table) if other.is_closed()]:
-                table.pop(other, None)
-        self._closed.pop(loop, None)
-        batcher = self._make(**self._settings)
-        for observer in self._observers:
-            batcher._attach(observer)
-        self._live[loop] = batcher
-        self._latest = batcher
+        # Under the lock: another thread may be running its own loop through
+        # the same wrapper, or reading the figures.
+        with self._lock:
+            self._forget_closed_loops()
+            replaced = self._closed.pop(loop, None)
+            if replaced is not None:  # closed by aclose(), maybe still draining
+                self._retired.add(loop, replaced)
+            self._retired.settle()
+            batcher = self._make(**self._settings)
+            family = self._family.observers if self._family is not None else ()
+            for observer in (*family, *self._observers):
+                batcher._attach(observer)
+            self._live[loop] = batcher
+            self._latest = batcher
         return batcher
+
+    def _forget_closed_loops(self) -> None:
+        """Let the batchers of closed loops go: no loop can run them again (``_lock`` held)."""
+        for table in (self._live, self._closed):
+            for loop in [loop for loop in table if loop.is_closed()]:
+                self._retired.add(loop, table.pop(loop))
+
+    def figures(self) -> Figures:
+        """The counts of the batchers let go, and the batchers to read now."""
+        with self._lock:
+            self._forget_closed_loops()
+            self._retired.settle()
+            return Figures(self._retired.totals.copy(), self.kept(), self._retired.batchers())
+
+    def kept(self) -> list[Batcher[_T, _R]]:
+        """The batchers here now, open or closed (``_lock`` held)."""
+        return [*self._live.values(), *self._closed.values()]
+
+    def fold_into(self, retired: _Retired) -> None:
+        """Its instance is gone: move every figure to ``retired`` (the family's lock held)."""
+        if self._folded:  # two weak references' callbacks for one instance
+            return
+        self._folded = True
+        retired.totals.absorb(self._retired.totals)
+        retired.draining.extend(self._retired.draining)
+        for table in (self._live, self._closed):
+            retired.draining.extend(table.items())
 
     @property
     def stats(self) -> BatcherStats:
@@ -185,16 +322,16 @@ class _Batchers(Generic[_T, _R]):
 
     async def aclose(self, cancel: bool) -> None:
         loop = asyncio.get_running_loop()
-        batcher = self._live.pop(loop, None)
-        if batcher is None:
-            # Closed already, maybe still draining: ``Batcher.aclose`` waits
-            # for that close to finish (a no-op once it has).
-            batcher = self._closed.get(loop)
+        with self._lock:  # moved in one step: a read of the figures sees it once
+            batcher = self._live.pop(loop, None)
             if batcher is None:
-                return
-        else:
-            self._closed[loop] = batcher
-        await batcher.aclose(cancel=cancel)
+                # Closed already, maybe still draining: ``Batcher.aclose`` waits
+                # for that close to finish (a no-op once it has).
+                batcher = self._closed.get(loop)
+            else:
+                self._closed[loop] = batcher
+        if batcher is not None:
+            await batcher.aclose(cancel=cancel)
 
 
 class _Lifecycle(Generic[_T, _R]):
@@ -278,6 +415,10 @@ class _Lifecycle(Generic[_T, _R]):
     def _detach(self, observer: Observer) -> None:
         self._state.detach(observer)
 
+    def _figures(self) -> Figures:
+        # For the metrics integrations: see ``asyncbatch._observe.figures_of``.
+        return self._state.figures()
+
 
 class _Wrapper(_Lifecycle[_T, _R]):
     """The one-item calls of the function and bound-method wrappers."""
@@ -331,7 +472,7 @@ class BatchedFunction(_Wrapper[_T, _R]):
     on a method (``self, items``) makes a :class:`BatchedMethod` instead.
     """
 
-    __slots__ = ("__dict__",)
+    __slots__ = ("__dict__", "__weakref__")
 
     __name__: str
     __qualname__: str
@@ -361,7 +502,7 @@ class StreamingBatchedFunction(_Lifecycle[_T, _R]):
     loop's batcher, as for :class:`BatchedFunction`.
     """
 
-    __slots__ = ("__dict__",)
+    __slots__ = ("__dict__", "__weakref__")
 
     __name__: str
     __qualname__: str
@@ -400,9 +541,14 @@ class BatchedMethod(Generic[_S, _T, _R]):
     loop). ``Cls.m(obj, item)`` does the same. The batchers are not stored on
     the instance and do not keep it alive; the instance must support weak
     references.
+
+    The method on the class (``Cls.m``) stands for all its instances: the
+    metrics integrations accept it (``instrument(Cls.m)``) and sum every
+    instance's batchers, those of instances made later included, under the
+    one name ``name``; the counts of instances collected meanwhile are kept.
     """
 
-    __slots__ = ("__dict__", "_fn", "_instances", "_options")
+    __slots__ = ("__dict__", "__weakref__", "_family", "_fn", "_instances", "_options")
 
     __name__: str
     __qualname__: str
@@ -412,8 +558,14 @@ class BatchedMethod(Generic[_S, _T, _R]):
         self._fn = fn
         self._options = options
         self._instances: dict[int, _Batchers[_T, _R]] = {}
+        self._family = _Family()
         functools.update_wrapper(self, fn, assigned=_ASSIGNED)
         self.__signature__ = _METHOD_SIGNATURE
+
+    @property
+    def name(self) -> str:
+        """The name of its batchers (every instance's): ``name=`` or the method's qualified name."""
+        return self._options.get("name") or self.__qualname__
 
     @overload
     def __get__(self, instance: None, owner: type[Any] | None = None) -> Self: ...
@@ -452,8 +604,19 @@ class BatchedMethod(Generic[_S, _T, _R]):
         # being deallocated, before its memory (and id) can be reused.
         key = id(instance)
         instances = self._instances
+        dead = self._family.dead
+
+        def forget(_: object) -> None:
+            # No lock here (see ``_Family``). Left for the family first, then
+            # removed: a read that lists the instances in between finds it in
+            # both places, and counts it once (``fold_into`` marks it).
+            batchers = instances.get(key)
+            if batchers is not None:
+                dead.append(batchers)
+            instances.pop(key, None)
+
         try:
-            ref = weakref.ref(instance, lambda _: instances.pop(key, None))
+            ref = weakref.ref(instance, forget)
         except TypeError:
             cls = type(instance).__qualname__
             raise TypeError(
@@ -482,10 +645,50 @@ class BatchedMethod(Generic[_S, _T, _R]):
         # holds it. ``setdefault``: if two threads race to make the first
         # entry of one instance, both use the winner's.
         batchers: _Batchers[_T, _R] = _Batchers(
-            functools.partial(Batcher, sink, **self._options),
-            self._options.get("name") or self.__qualname__,
+            functools.partial(Batcher, sink, **self._options), self.name, self._family
         )
-        return instances.setdefault(key, batchers)
+        with self._family.lock:
+            self._family.collect()  # the instances gone since: their batchers are let go
+            return instances.setdefault(key, batchers)
+
+    def _attach(self, observer: Observer) -> None:
+        # ``instrument(Cls.m)``: every instance's batchers, those to come included.
+        family = self._family
+        with family.lock:
+            if observer not in family.observers:
+                family.observers.append(observer)
+            for batchers in list(self._instances.values()):
+                batchers.attach_current(observer)
+
+    def _detach(self, observer: Observer) -> None:
+        family = self._family
+        with family.lock:
+            if observer in family.observers:
+                family.observers.remove(observer)
+            for batchers in list(self._instances.values()):
+                batchers.detach_all(observer)
+            for batcher in family.retired.batchers():
+                batcher._detach(observer)
+
+    def _figures(self) -> Figures:
+        # Every instance's figures, and those of the instances gone: see
+        # ``asyncbatch._observe.figures_of``. The order matters (see ``forget``
+        # in ``_track``): list the instances, then fold the gone ones in.
+        family = self._family
+        with family.lock:
+            states = list(self._instances.values())
+            family.collect()
+            totals = family.retired.totals.copy()
+            kept: list[Batcher[Any, Any]] = []
+            draining = family.retired.batchers()
+            for state in states:
+                if state._folded:
+                    continue
+                figures = state.figures()
+                totals.absorb(figures.retired)
+                kept.extend(figures.kept)
+                draining.extend(figures.draining)
+        return Figures(totals, kept, draining)
 
     def __repr__(self) -> str:
         return f"<batched method {self.__qualname__}>"

@@ -560,3 +560,265 @@ def test_a_registry_is_freed_after_instrument() -> None:
     assert gone() is None
     assert metrics.registry is None
     metrics.remove()
+
+
+# ------------------------------------------- batchers let go between two scrapes
+
+
+def test_batchers_made_and_let_go_between_two_scrapes_are_counted(
+    registry: CollectorRegistry,
+) -> None:
+    """Loops that end (``asyncio.run`` twice) and ``aclose()`` replacements, unscraped."""
+
+    @batch(max_size=2, name="runs")
+    async def double(items: list[int]) -> list[int]:
+        return [x * 2 for x in items]
+
+    instrument(double, registry=registry)
+
+    async def work(n: int) -> None:
+        assert await asyncio.gather(*(double(i) for i in range(n))) == [2 * i for i in range(n)]
+
+    assert _succeeded(registry, "runs") == 0
+    asyncio.run(work(3))  # [0, 1] size, [2] wait
+    asyncio.run(work(4))  # [0, 1] [2, 3] size; this loop's start forgets the first loop's
+
+    async def replaced() -> None:  # three batchers of one loop, two of them let go
+        await work(2)  # size
+        await double.aclose()
+        await work(1)  # wait
+        await double.aclose()
+        await work(2)  # size
+
+    asyncio.run(replaced())
+    got = Scrape.parse(_exposition(registry))
+    assert {
+        dict(labels)["outcome"]: v
+        for labels, v in got.series("asyncbatch_items_total", batcher="runs").items()
+    } == {"succeeded": 12, "failed": 0, "cancelled": 0, "expired": 0, "rejected": 0, "dropped": 0}
+    assert {
+        dict(labels)["reason"]: v
+        for labels, v in got.series("asyncbatch_batches_total", batcher="runs").items()
+    } == {"size": 5, "weight": 0, "wait": 2, "interval": 0, "flush": 0, "close": 0}
+    assert got.histogram("asyncbatch_batch_size", "runs") == (
+        cumulative(SIZE_BUCKETS, {1: 2, 2: 5}),
+        7,
+        12,
+    )
+    assert got.value("asyncbatch_pending_items", batcher="runs") == 0
+    assert got.value("asyncbatch_in_flight_items", batcher="runs") == 0
+    # No loop runs any more: no batcher is kept, the counts stay.
+    assert double._state.figures().kept == []
+    asyncio.run(work(1))
+    assert _succeeded(registry, "runs") == 13
+
+
+@pytest.mark.looptime
+async def test_a_batcher_let_go_while_it_drains_is_counted_to_the_end(
+    registry: CollectorRegistry, exposition: str
+) -> None:
+    """A call during ``aclose()``'s drain starts a fresh batcher; the closing one's
+    items still in flight are gauged, then counted when they finish."""
+    gate = asyncio.Event()
+
+    @batch(max_size=10, name="draining")
+    async def held(items: list[int]) -> list[int]:
+        await gate.wait()
+        return items
+
+    instrument(held, registry=registry)
+    first = [asyncio.ensure_future(held(i)) for i in range(3)]
+    await settle()
+    closing = asyncio.ensure_future(held.aclose())
+    await settle()
+    late = asyncio.ensure_future(held(3))  # a fresh batcher: the closing one is let go
+    await settle()
+    got = await scrape(exposition)
+    assert got.value("asyncbatch_in_flight_items", batcher="draining") == 4
+    assert got.value("asyncbatch_pending_items", batcher="draining") == 0
+    assert got.value("asyncbatch_items_total", batcher="draining", outcome="succeeded") == 0
+    assert got.value("asyncbatch_batches_total", batcher="draining", reason="wait") == 2
+    gate.set()
+    assert await asyncio.gather(*first, late) == [0, 1, 2, 3]
+    await closing
+    got = await scrape(exposition)
+    assert got.value("asyncbatch_in_flight_items", batcher="draining") == 0
+    assert got.value("asyncbatch_items_total", batcher="draining", outcome="succeeded") == 4
+    assert got.value("asyncbatch_batches_total", batcher="draining", reason="wait") == 2
+    assert held._state.figures().draining == []  # done: folded into the total
+    assert _succeeded(registry, "draining") == 4
+    await held.aclose()
+
+
+# ------------------------------------------------------------------- methods
+
+
+def _repo_class() -> type[Any]:
+    """A fresh class per test: a method's counts run from its decoration."""
+
+    class Repo:
+        def __init__(self, scale: int) -> None:
+            self.scale = scale
+
+        @batch(max_size=2, name="repo")
+        async def get(self, ids: list[int]) -> list[int]:
+            return [i * self.scale for i in ids]
+
+    return Repo
+
+
+async def _both(a: Any, n: int, b: Any, m: int) -> None:
+    await asyncio.gather(_read(a, n), _read(b, m))
+
+
+async def _read(repo: Any, n: int) -> None:
+    assert await asyncio.gather(*(repo.get(i) for i in range(n))) == [
+        i * repo.scale for i in range(n)
+    ]
+
+
+def test_a_method_on_the_class_sums_every_instance(registry: CollectorRegistry) -> None:
+    """``instrument(Repo.get)``: one series over every instance's batchers, those made
+    later and those collected meanwhile included, monotonic."""
+    Repo = _repo_class()
+    metrics = instrument(Repo.get, registry=registry)  # before any instance exists
+    assert metrics.name == "repo"
+    assert _succeeded(registry, "repo") == 0
+    a, b = Repo(1), Repo(10)
+
+    asyncio.run(_both(a, 3, b, 2))  # a: [0, 1] size, [2] wait; b: [0, 1] size
+    got = Scrape.parse(_exposition(registry))
+    assert set(got.series("asyncbatch_items_total")) == {
+        (("batcher", "repo"), ("outcome", outcome))
+        for outcome in ("succeeded", "failed", "cancelled", "expired", "rejected", "dropped")
+    }  # one series for all instances
+    assert got.value("asyncbatch_items_total", batcher="repo", outcome="succeeded") == 5
+    assert got.value("asyncbatch_batches_total", batcher="repo", reason="size") == 2
+    assert got.value("asyncbatch_batches_total", batcher="repo", reason="wait") == 1
+    assert got.histogram("asyncbatch_batch_size", "repo") == (
+        cumulative(SIZE_BUCKETS, {1: 1, 2: 2}),
+        3,
+        5,
+    )
+
+    # Between two scrapes: an instance made, used and collected; `a` on two more loops.
+    c = Repo(100)
+    asyncio.run(_read(c, 4))  # size, size
+    gone = weakref.ref(c)
+    del c
+    gc.collect()
+    assert gone() is None  # not kept alive by the instrumented method
+    asyncio.run(_read(a, 1))  # wait
+    asyncio.run(_read(a, 1))  # wait
+    got = Scrape.parse(_exposition(registry))
+    assert got.value("asyncbatch_items_total", batcher="repo", outcome="succeeded") == 11
+    assert got.value("asyncbatch_batches_total", batcher="repo", reason="size") == 4
+    assert got.value("asyncbatch_batches_total", batcher="repo", reason="wait") == 3
+    assert got.histogram("asyncbatch_batch_size", "repo")[1:] == (7, 11)
+
+    del a, b
+    gc.collect()  # every instance gone: the method (and its counts) stay
+    got = Scrape.parse(_exposition(registry))
+    assert got.value("asyncbatch_items_total", batcher="repo", outcome="succeeded") == 11
+    assert got.value("asyncbatch_pending_items", batcher="repo") == 0
+    assert Repo.get._instances == {}
+    metrics.remove()
+    assert "repo" not in _exposition(registry)
+
+
+@pytest.mark.looptime
+async def test_a_method_on_the_class_gauges_every_instance(
+    registry: CollectorRegistry, exposition: str
+) -> None:
+    gate = asyncio.Event()
+
+    class Store:
+        @batch(max_size=2, max_concurrency=2, name="store")
+        async def put(self, rows: list[int]) -> None:
+            await gate.wait()
+
+    instrument(Store.put, registry=registry)
+    a, b = Store(), Store()
+    # a: two calls of 2 hold its two slots, 1 row waits; b: one call of 2.
+    calls = [asyncio.ensure_future(a.put(i)) for i in range(5)]
+    calls += [asyncio.ensure_future(b.put(i)) for i in range(2)]
+    await settle()
+    got = await scrape(exposition)
+    assert got.value("asyncbatch_in_flight_items", batcher="store") == 6
+    assert got.value("asyncbatch_pending_items", batcher="store") == 1
+    assert got.value("asyncbatch_concurrency_limit", batcher="store") == 4  # 2 per instance
+    gate.set()
+    await asyncio.gather(*calls)
+    got = await scrape(exposition)
+    assert got.value("asyncbatch_in_flight_items", batcher="store") == 0
+    assert got.value("asyncbatch_items_total", batcher="store", outcome="succeeded") == 7
+    await a.put.aclose()
+    await b.put.aclose()
+
+
+def test_bound_methods_of_two_instances_need_their_own_name(
+    registry: CollectorRegistry,
+) -> None:
+    """``instrument(repo.get)``: that instance only, labelled with the method's name;
+    a second instance's is refused, saying to pass ``name=`` (or use the class's)."""
+    Repo = _repo_class()
+    a, b = Repo(1), Repo(10)
+    first = instrument(a.get, registry=registry)
+    assert first.name == "repo"
+    with pytest.raises(ValueError, match="'repo' is already instrumented") as refused:
+        instrument(b.get, registry=registry)
+    assert "instrument the method on the class" in str(refused.value)
+    assert "instrument(obj.method, name=...)" in str(refused.value)
+    with pytest.raises(ValueError, match="'repo' is already instrumented"):
+        instrument(Repo.get, registry=registry)  # the class's default name is the same
+    instrument(b.get, registry=registry, name="repo-b")
+
+    asyncio.run(_both(a, 3, b, 2))
+    assert _succeeded(registry, "repo") == 3
+    assert _succeeded(registry, "repo-b") == 2
+    asyncio.run(_read(a, 1))  # two loops of `a` between two scrapes
+    asyncio.run(_read(a, 2))
+    got = Scrape.parse(_exposition(registry))
+    assert got.value("asyncbatch_items_total", batcher="repo", outcome="succeeded") == 6
+    assert got.value("asyncbatch_batches_total", batcher="repo", reason="size") == 2
+    assert got.value("asyncbatch_batches_total", batcher="repo", reason="wait") == 2
+    assert got.value("asyncbatch_items_total", batcher="repo-b", outcome="succeeded") == 2
+
+    # The instance is held weakly: once collected, its series go and the name is free.
+    gone = weakref.ref(a)
+    del a
+    gc.collect()
+    assert gone() is None
+    assert first.target is None
+    assert 'batcher="repo"' not in _exposition(registry)
+    # The class attribute takes the free name: every instance since the decoration.
+    instrument(Repo.get, registry=registry)
+    assert _succeeded(registry, "repo") == 8
+    assert _succeeded(registry, "repo-b") == 2
+    first.remove()  # a no-op: its instance is gone
+
+
+def test_an_instrumented_batch_function_is_not_kept_alive(registry: CollectorRegistry) -> None:
+    @batch(name="short-lived")
+    async def double(items: list[int]) -> list[int]:
+        return [x * 2 for x in items]
+
+    metrics = instrument(double, registry=registry)
+    assert asyncio.run(double(2)) == 4
+    assert _succeeded(registry, "short-lived") == 1
+    gone = weakref.ref(double)
+    del double
+    gc.collect()
+    assert gone() is None
+    assert metrics.target is None
+    assert "short-lived" not in _exposition(registry)
+
+
+@pytest.mark.parametrize(("name", "error"), [("", ValueError), (b"orders", TypeError)])
+def test_a_bad_name_is_refused(registry: CollectorRegistry, name: Any, error: type) -> None:
+    async def sink(items: list[int]) -> list[int]:
+        return items
+
+    with pytest.raises(error, match="name must"):
+        instrument(Batcher(sink), registry=registry, name=name)
+    assert _exposition(registry) == ""

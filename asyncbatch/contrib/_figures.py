@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import itertools
 import math
-import threading
 import weakref
-from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from .._observe import figures_of, name_of
 from .._stats import BatcherStats
 
 __all__ = [
@@ -26,7 +25,9 @@ __all__ = [
     "WAIT_BUCKETS",
     "Source",
     "buckets",
+    "clash_hint",
     "is_loader",
+    "label",
     "outcome_counts",
     "reason_counts",
 ]
@@ -93,81 +94,87 @@ def is_loader(target: Any) -> bool:
     return isinstance(target, DataLoader)
 
 
-_COUNTERS: tuple[str, ...] = (
-    "submitted", *OUTCOMES, "batches", "retries", "cache_hits", "cache_misses",
-)  # fmt: skip
-"""The cumulative ``BatcherStats`` fields (summed over gone batchers too)."""
+def label(target: Any, name: str | None) -> str:
+    """The name ``target`` is exported under: ``name``, or the target's own.
+
+    Raises:
+        TypeError: ``name`` is not a string.
+        ValueError: ``name`` is empty.
+    """
+    if name is None:
+        return name_of(target)
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}: {name!r}")
+    if not name:
+        raise ValueError("name must not be empty")
+    return name
+
+
+def clash_hint(target: Any) -> str:
+    """More advice for a name clash when ``target`` is one instance's bound ``@batch`` method."""
+    from .._decorator import BoundBatchedMethod
+
+    if not isinstance(target, BoundBatchedMethod):
+        return ""
+    method = target.__func__
+    return (
+        f". The batchers of every instance of {method.__qualname__!r} share its name: "
+        f"instrument the method on the class ({method.__qualname__}) to export all its "
+        "instances summed under that name, or give each instance its own label with "
+        "instrument(obj.method, name=...)"
+    )
 
 
 class Source:
     """What an integration reads a target's figures from, holding the target weakly.
 
-    A target that cannot be weakly referenced is held strongly. For an
-    ``@batch`` function or bound method, the figures are summed over every
-    batcher it has (one per event loop, a closed one until it is replaced),
-    and the counts of batchers that went away (replaced after ``aclose()``,
-    or forgotten once their loop closed) are kept, so counters never go back.
-    A batcher that started and went away entirely between two reads is not
-    counted.
+    A target that cannot be weakly referenced is held strongly. A bound
+    ``@batch`` method (``obj.m``, made afresh on each attribute access) is
+    held as its instance, weakly, and its method: it is gone when the
+    instance is.
+
+    For an ``@batch`` wrapper (a function, a bound method, or a method on
+    the class: every instance), the figures are those of every batcher it
+    ever had (one per event loop and instance, a fresh one after
+    ``aclose()``): the wrapper folds the final counts of each batcher it
+    lets go into a running total, which is added to the figures of those it
+    has (``asyncbatch._observe.figures_of``). So counters never go back and
+    nothing is missed, even a batcher made and let go between two reads.
     """
 
-    __slots__ = ("_gone", "_gone_reasons", "_lock", "_ref", "_seen", "_strong", "is_loader")
+    __slots__ = ("_method", "_ref", "_strong", "is_loader")
 
     def __init__(self, target: Any) -> None:
+        from .._decorator import BoundBatchedMethod
+
         self._ref: Callable[[], Any] | None
-        self._strong: Any
-        try:
-            self._ref, self._strong = weakref.ref(target), None
-        except TypeError:
-            self._ref, self._strong = None, target
+        self._strong: Any = None
+        self._method: Any = None
+        if isinstance(target, BoundBatchedMethod):
+            self._ref, self._method = weakref.ref(target.__self__), target.__func__
+        else:
+            try:
+                self._ref = weakref.ref(target)
+            except TypeError:
+                self._ref, self._strong = None, target
         self.is_loader = is_loader(target)
-        self._seen: dict[int, Any] = {}  # id -> batcher of a wrapper, held until seen gone
-        self._gone: Counter[str] = Counter()
-        self._gone_reasons: Counter[str] = Counter()
-        self._lock = threading.Lock()
 
     def target(self) -> Any:
         """The target, or ``None`` once it has been garbage collected."""
-        return self._strong if self._ref is None else self._ref()
+        if self._ref is None:
+            return self._strong
+        target = self._ref()
+        if target is None or self._method is None:
+            return target
+        return self._method.__get__(target)  # the instance: bound again
 
     def stats(self) -> BatcherStats | None:
         """The target's figures now, ``None`` once it is gone."""
         target = self.target()
         if target is None:
             return None
-        from .._decorator import _Batchers
-
-        state = getattr(target, "_state", None)
-        if not isinstance(state, _Batchers):
+        figures = figures_of(target)
+        if figures is None:  # a Batcher or a DataLoader
             stats: BatcherStats = target.stats
             return stats
-        with self._lock:
-            # list() copies a dict atomically: another thread may run its loop.
-            current = {
-                id(b): b for b in [*list(state._live.values()), *list(state._closed.values())]
-            }
-            for key, batcher in self._seen.items():
-                if key not in current:  # gone: closed, its figures are final
-                    final = batcher.stats
-                    for name in _COUNTERS:
-                        self._gone[name] += getattr(final, name)
-                    self._gone_reasons.update(final.reasons)
-            self._seen = current
-            totals = Counter(self._gone)
-            reasons = Counter(self._gone_reasons)
-        pending = in_flight = limit = 0
-        for batcher in current.values():
-            each = batcher.stats
-            for name in _COUNTERS:
-                totals[name] += getattr(each, name)
-            reasons.update(each.reasons)
-            pending += each.pending
-            in_flight += each.in_flight
-            limit += each.concurrency_limit
-        return BatcherStats(
-            **{name: totals[name] for name in _COUNTERS},
-            pending=pending,
-            in_flight=in_flight,
-            reasons=dict(reasons),
-            concurrency_limit=limit if current else BatcherStats().concurrency_limit,
-        )
+        return figures.total()

@@ -10,9 +10,10 @@ without an SDK every call here is a no-op.
 
     instrument(batcher)                                   # the global providers
     instrument(load_users, meter_provider=mp, tracer_provider=tp)
+    instrument(Repo.get)                                  # an @batch method: every instance
 
 Metrics (meter ``asyncbatch``; attribute ``asyncbatch.batcher`` = the batcher's
-``name`` on every point):
+``name``, or ``name=``, on every point):
 
 ================================  ==================  =======  ====================================
 instrument                        kind                unit     what
@@ -40,6 +41,17 @@ instruments: callbacks, nothing on the hot path); the histograms are recorded
 once per sink call (size, duration) and once per batch (wait), with the
 bucket bounds :data:`SIZE_BUCKETS`, :data:`DURATION_BUCKETS` and
 :data:`WAIT_BUCKETS` given as advice (views may override them).
+
+An ``@batch`` function is summed over every batcher it ever had (one per
+event loop, a fresh one after ``aclose()``); an ``@batch`` method on the class
+(``instrument(Repo.get)``) over every instance's batchers, instances made later
+and instances collected meanwhile included, under one ``asyncbatch.batcher``
+value. The final counts of a batcher let go are folded in when it goes, so the
+counters are monotonic and miss nothing, even a batcher made and let go
+between two collections. A bound method (``instrument(repo.get)``) is that
+instance's batchers (the instance is held weakly); its default name is the
+method's, so a second instance, or the class attribute, with the same meter
+provider is a ``ValueError`` until one gets its own ``name=``.
 
 Traces: one span per sink call (each retry and isolation half is a call),
 named ``asyncbatch.sink <batcher name>``, with attributes
@@ -77,13 +89,15 @@ except ImportError as exc:  # pragma: no cover - the test extra installs opentel
     ) from exc
 
 from .. import __version__
-from .._observe import MAX_LINKS, SinkCall, attach, detach, name_of
+from .._observe import MAX_LINKS, SinkCall, attach, detach
 from .._stats import BatcherStats, BatchReport
 from ._figures import (
     DURATION_BUCKETS,
     SIZE_BUCKETS,
     WAIT_BUCKETS,
     Source,
+    clash_hint,
+    label,
     outcome_counts,
     reason_counts,
 )
@@ -116,15 +130,22 @@ _ROOT = otel_context.Context()
 def instrument(
     target: Any,
     *,
+    name: str | None = None,
     meter_provider: MeterProvider | None = None,
     tracer_provider: TracerProvider | None = None,
 ) -> BatcherTelemetry:
     """Export ``target``'s figures as OpenTelemetry metrics, and trace its sink calls.
 
     Args:
-        target: a ``Batcher``, an ``@batch`` function or bound method (all its
-            batchers, those it creates later included) or a ``DataLoader``.
-            Its ``name`` is the ``asyncbatch.batcher`` attribute.
+        target: a ``Batcher``, a ``DataLoader``, an ``@batch`` function (all
+            its batchers, those it creates later included), an ``@batch``
+            method on the class (``Repo.get``: every instance's batchers,
+            summed, instances made later included) or bound to one instance
+            (``repo.get``: that instance's batchers; held weakly).
+        name: the ``asyncbatch.batcher`` attribute and the span name's suffix;
+            default: the target's ``name`` (for a method, bound or not, its
+            ``name=`` or qualified name, so two instances' bound methods need
+            distinct ``name=`` here).
         meter_provider: where the metrics go; ``None``: the global one
             (``metrics.get_meter_provider()``, which may be set later).
         tracer_provider: where the spans go; ``None``: the global one if it
@@ -135,9 +156,12 @@ def instrument(
         The attached :class:`BatcherTelemetry`; ``remove()`` stops it.
 
     Raises:
-        ValueError: a batcher of the same name is already instrumented with
-            this meter provider (give batchers distinct ``name=``).
-        TypeError: ``target`` is not a batcher, ``@batch`` function or DataLoader.
+        ValueError: a target of the same name is already instrumented with
+            this meter provider (the message says how to tell them apart:
+            ``name=`` here or on the batcher; for a bound method, the class
+            attribute); an empty ``name``.
+        TypeError: ``target`` is not a batcher, ``@batch`` function or
+            method, or DataLoader; ``name`` is not a string.
     """
     if getattr(target, "_attach", None) is None:
         raise TypeError(
@@ -150,8 +174,10 @@ def instrument(
         tracer_provider = trace.get_tracer_provider()
     tracing = not isinstance(tracer_provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
     instruments = _Instruments.of(meter_provider)
-    telemetry = BatcherTelemetry(target, instruments, tracer_provider if tracing else None)
-    instruments.add(telemetry)
+    telemetry = BatcherTelemetry(
+        target, instruments, tracer_provider if tracing else None, label(target, name)
+    )
+    instruments.add(telemetry, clash_hint(target))
     try:
         attach(target, telemetry)
     except BaseException:
@@ -212,9 +238,13 @@ class BatcherTelemetry:
     """
 
     def __init__(
-        self, target: Any, instruments: _Instruments, tracer_provider: TracerProvider | None
+        self,
+        target: Any,
+        instruments: _Instruments,
+        tracer_provider: TracerProvider | None,
+        name: str,
     ) -> None:
-        self.name = name_of(target)
+        self.name = name
         self._source = Source(target)
         self.tracing = tracer_provider is not None
         self._instruments = instruments
@@ -399,7 +429,7 @@ class _Instruments:
         resolved = self._resolved()
         return [self, *(i for i in list(self._all) if i is not self and i._resolved() is resolved)]
 
-    def add(self, telemetry: BatcherTelemetry) -> None:
+    def add(self, telemetry: BatcherTelemetry, hint: str = "") -> None:
         with self._lock:
             for group in self._group():
                 existing = group._members.get(telemetry.name)
@@ -409,7 +439,8 @@ class _Instruments:
                 raise ValueError(
                     f"a batcher named {telemetry.name!r} is already instrumented with this "
                     "meter provider; its points would be indistinguishable: give each "
-                    "batcher its own name= (or remove() the first one)"
+                    "batcher its own name= (or instrument(..., name=...), or remove() the "
+                    f"first one){hint}"
                 )
             self._members[telemetry.name] = telemetry
 

@@ -9,9 +9,10 @@ Needs the ``prometheus`` extra (``pip install 'asyncbatch[prometheus]'``).
 
     instrument(batcher)                      # a Batcher, an @batch function, a DataLoader
     instrument(load_users, registry=REGISTRY)
+    instrument(Repo.get)                     # an @batch method: every instance's batchers
     start_http_server(9100, addr="127.0.0.1")
 
-Every series has the label ``batcher`` (the batcher's ``name``):
+Every series has the label ``batcher`` (the batcher's ``name``, or ``name=``):
 
 ============================================  =========  ========================================
 metric                                        type       what it answers
@@ -42,10 +43,22 @@ Nothing runs per item. Counters and gauges are read from the target's
 once per sink call and once per batch by an observer the batcher calls (see
 ``asyncbatch._observe``); the user's ``on_batch`` is left alone.
 
-An ``@batch`` function's figures are summed over its batchers (one per event
-loop); the counts of a batcher it replaced after ``aclose()``, or forgot once
-its loop closed, are kept, so its counters never go back. The target is held
-weakly: once it is garbage collected its series go and its name is free.
+An ``@batch`` function's figures are summed over every batcher it ever had
+(one per event loop, a fresh one after ``aclose()``): the final counts of a
+batcher it lets go (replaced, or its loop closed) are folded into a running
+total when it goes, so its counters never go back and nothing is missed, even
+a batcher made and let go between two scrapes (``asyncio.run`` called twice).
+
+An ``@batch`` method on the class (``instrument(Repo.get)``) is summed the same
+way over every instance's batchers, instances made later and instances
+collected meanwhile included, under one ``batcher`` label (the method's name).
+A bound method (``instrument(repo.get)``) is that instance's batchers only;
+its default label is the method's name too, so a second instance (or the
+class attribute) in the same registry is a ``ValueError`` until one of them
+gets its own ``name=``. The instance is held weakly.
+
+The target is held weakly: once it is garbage collected its series go and its
+name is free.
 
 Scraped from another thread (``start_http_server``), the figures of
 one batcher are read without stopping its loop, so two of them may be a few
@@ -76,7 +89,7 @@ except ImportError as exc:  # pragma: no cover - the test extra installs prometh
         "extra, pip install 'asyncbatch[prometheus]'"
     ) from exc
 
-from .._observe import SinkCall, attach, detach, name_of
+from .._observe import SinkCall, attach, detach
 from .._stats import BatchReport
 from ._figures import (
     DURATION_BUCKETS,
@@ -84,6 +97,8 @@ from ._figures import (
     WAIT_BUCKETS,
     Source,
     buckets,
+    clash_hint,
+    label,
     outcome_counts,
     reason_counts,
 )
@@ -96,6 +111,7 @@ _LABEL = "batcher"
 def instrument(
     target: Any,
     *,
+    name: str | None = None,
     registry: CollectorRegistry = REGISTRY,
     size_buckets: Iterable[float] = SIZE_BUCKETS,
     duration_buckets: Iterable[float] = DURATION_BUCKETS,
@@ -104,9 +120,14 @@ def instrument(
     """Export ``target``'s figures through ``registry``, labelled ``batcher=<its name>``.
 
     Args:
-        target: a ``Batcher``, an ``@batch`` function or bound method (all its
-            batchers, those it creates later included) or a ``DataLoader``.
-            Its ``name`` is the ``batcher`` label.
+        target: a ``Batcher``, a ``DataLoader``, an ``@batch`` function (all
+            its batchers, those it creates later included), an ``@batch``
+            method on the class (``Repo.get``: every instance's batchers,
+            summed, instances made later included) or bound to one instance
+            (``repo.get``: that instance's batchers; held weakly).
+        name: the ``batcher`` label; default: the target's ``name`` (for a
+            method, bound or not, its ``name=`` or qualified name, so two
+            instances' bound methods need distinct ``name=`` here).
         registry: where the figures are collected; the default is
             ``prometheus_client``'s global registry. All batchers instrumented
             in one registry share one collector (one family per metric).
@@ -120,11 +141,13 @@ def instrument(
         The attached :class:`BatcherMetrics`; ``remove()`` stops the export.
 
     Raises:
-        ValueError: a batcher of the same name is already instrumented in
-            ``registry`` (give batchers distinct ``name=``); bad bucket bounds;
-            or another collector in ``registry`` already exports one of these
-            metric names.
-        TypeError: ``target`` is not a batcher, ``@batch`` function or DataLoader.
+        ValueError: a target of the same label is already instrumented in
+            ``registry`` (the message says how to tell them apart: ``name=``
+            here or on the batcher; for a bound method, the class attribute);
+            an empty ``name``; bad bucket bounds; or another collector in
+            ``registry`` already exports one of these metric names.
+        TypeError: ``target`` is not a batcher, ``@batch`` function or
+            method, or DataLoader; ``name`` is not a string.
     """
     if getattr(target, "_attach", None) is None:
         raise TypeError(
@@ -137,8 +160,9 @@ def instrument(
         buckets("size_buckets", size_buckets),
         buckets("duration_buckets", duration_buckets),
         buckets("wait_buckets", wait_buckets),
+        label(target, name),
     )
-    _Collector.of(registry).add(metrics)
+    _Collector.of(registry).add(metrics, clash_hint(target))
     try:
         attach(target, metrics)
     except BaseException:
@@ -207,8 +231,9 @@ class BatcherMetrics:
         size_buckets: tuple[float, ...],
         duration_buckets: tuple[float, ...],
         wait_buckets: tuple[float, ...],
+        name: str,
     ) -> None:
-        self.name = name_of(target)
+        self.name = name
         self._source = Source(target)
         self._registry = weakref.ref(registry)
         self._size = _Histogram(size_buckets)
@@ -287,7 +312,7 @@ class _Collector(Collector):
                 collector = cls._by_registry[registry] = cls(registry)
             return collector
 
-    def add(self, metrics: BatcherMetrics) -> None:
+    def add(self, metrics: BatcherMetrics, hint: str = "") -> None:
         with self._lock:
             existing = self._members.get(metrics.name)
             if existing is not None and existing.target is None:
@@ -297,7 +322,8 @@ class _Collector(Collector):
                 raise ValueError(
                     f"a batcher named {metrics.name!r} is already instrumented in this "
                     "registry; its series would be indistinguishable: give each batcher "
-                    "its own name= (or remove() the first one)"
+                    "its own name= (or instrument(..., name=...), or remove() the first "
+                    f"one){hint}"
                 )
             registry = self._registry()
             if not self._registered and registry is not None:
