@@ -527,7 +527,7 @@ def test_batch_function_sums_its_batchers_and_never_goes_back(
     async def replace() -> None:  # a new loop; then a fresh batcher after aclose()
         await work(4)
         await double.aclose()
-        got = Metrics.collect(reader)  # (a batcher never collected before it goes is missed)
+        got = Metrics.collect(reader)
         assert got.values("asyncbatch.items", "multi", "asyncbatch.outcome")["succeeded"] == 7
         await work(1)
 
@@ -567,3 +567,192 @@ def test_an_instrumented_batcher_is_not_kept_alive(
     instrument(again, meter_provider=meter_provider)
     assert Metrics.collect(reader).values("asyncbatch.pending", "orders") == 0
     telemetry.remove()
+
+
+def test_batchers_made_and_let_go_between_two_collections_are_counted(
+    meter_provider: MeterProvider, reader: InMemoryMetricReader
+) -> None:
+    """Loops that end (``asyncio.run`` twice) and ``aclose()`` replacements, uncollected."""
+
+    @batch(max_size=2, name="runs")
+    async def double(items: list[int]) -> list[int]:
+        return [x * 2 for x in items]
+
+    instrument(double, meter_provider=meter_provider)
+
+    async def work(n: int) -> None:
+        assert await asyncio.gather(*(double(i) for i in range(n))) == [2 * i for i in range(n)]
+
+    assert Metrics.collect(reader).values("asyncbatch.items", "runs", "asyncbatch.outcome") == {
+        "succeeded": 0, "failed": 0, "cancelled": 0, "expired": 0, "rejected": 0, "dropped": 0,
+    }  # fmt: skip
+    asyncio.run(work(3))  # [0, 1] size, [2] wait
+    asyncio.run(work(4))  # [0, 1] [2, 3] size
+
+    async def replaced() -> None:  # three batchers of one loop, two of them let go
+        await work(2)  # size
+        await double.aclose()
+        await work(1)  # wait
+        await double.aclose()
+        await work(2)  # size
+
+    asyncio.run(replaced())
+    got = Metrics.collect(reader)
+    assert got.values("asyncbatch.items", "runs", "asyncbatch.outcome") == {
+        "succeeded": 12, "failed": 0, "cancelled": 0, "expired": 0, "rejected": 0, "dropped": 0,
+    }  # fmt: skip
+    assert got.values("asyncbatch.batches", "runs", "asyncbatch.reason") == {
+        "size": 5, "weight": 0, "wait": 2, "interval": 0, "flush": 0, "close": 0,
+    }  # fmt: skip
+    size = got.histogram("asyncbatch.batch.size", "runs")
+    assert (size.count, size.sum, size.min, size.max) == (7, 12, 1, 2)
+    assert list(size.bucket_counts) == buckets(SIZE_BUCKETS, {1: 2, 2: 5})
+    assert got.values("asyncbatch.pending", "runs") == 0
+    assert got.values("asyncbatch.in_flight", "runs") == 0
+
+
+def _repo_class() -> type[Any]:
+    """A fresh class per test: a method's counts run from its decoration."""
+
+    class Repo:
+        def __init__(self, scale: int) -> None:
+            self.scale = scale
+
+        @batch(max_size=2, name="repo")
+        async def get(self, ids: list[int]) -> list[int]:
+            return [i * self.scale for i in ids]
+
+    return Repo
+
+
+async def _read(repo: Any, n: int) -> None:
+    assert await asyncio.gather(*(repo.get(i) for i in range(n))) == [
+        i * repo.scale for i in range(n)
+    ]
+
+
+async def _both(a: Any, n: int, b: Any, m: int) -> None:
+    await asyncio.gather(_read(a, n), _read(b, m))
+
+
+def test_a_method_on_the_class_sums_every_instance(
+    meter_provider: MeterProvider,
+    reader: InMemoryMetricReader,
+    tracer_provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+) -> None:
+    """``instrument(Repo.get)``: one ``asyncbatch.batcher`` for every instance's batchers,
+    those made later and those collected meanwhile included, monotonic; their spans too."""
+    import gc
+    import weakref
+
+    Repo = _repo_class()
+    telemetry = instrument(Repo.get, meter_provider=meter_provider, tracer_provider=tracer_provider)
+    assert telemetry.name == "repo"
+    assert telemetry.tracing
+    a, b = Repo(1), Repo(10)
+    asyncio.run(_both(a, 3, b, 2))  # a: [0, 1] size, [2] wait; b: [0, 1] size
+    got = Metrics.collect(reader)
+    assert {dict(p.attributes)["asyncbatch.batcher"] for p in got.points["asyncbatch.items"]} == {
+        "repo"
+    }
+    assert got.values("asyncbatch.items", "repo", "asyncbatch.outcome")["succeeded"] == 5
+    assert got.values("asyncbatch.batches", "repo", "asyncbatch.reason")["size"] == 2
+    assert got.values("asyncbatch.batches", "repo", "asyncbatch.reason")["wait"] == 1
+    assert got.histogram("asyncbatch.batch.size", "repo").count == 3
+    assert sorted(
+        (s.attributes or {})["messaging.batch.message_count"] for s in sink_spans(exporter, "repo")
+    ) == [1, 2, 2]
+
+    # Between two collections: an instance made, used and collected; `a` on two more loops.
+    c = Repo(100)
+    asyncio.run(_read(c, 4))  # size, size
+    gone = weakref.ref(c)
+    del c
+    gc.collect()
+    assert gone() is None  # not kept alive by the instrumented method
+    asyncio.run(_read(a, 1))  # wait
+    asyncio.run(_read(a, 1))  # wait
+    got = Metrics.collect(reader)
+    assert got.values("asyncbatch.items", "repo", "asyncbatch.outcome") == {
+        "succeeded": 11, "failed": 0, "cancelled": 0, "expired": 0, "rejected": 0, "dropped": 0,
+    }  # fmt: skip
+    assert got.values("asyncbatch.batches", "repo", "asyncbatch.reason") == {
+        "size": 4, "weight": 0, "wait": 3, "interval": 0, "flush": 0, "close": 0,
+    }  # fmt: skip
+    size = got.histogram("asyncbatch.batch.size", "repo")
+    assert (size.count, size.sum) == (7, 11)
+    assert list(size.bucket_counts) == buckets(SIZE_BUCKETS, {1: 3, 2: 4})
+    assert len(sink_spans(exporter, "repo")) == 7
+
+    del a, b
+    gc.collect()  # every instance gone: the method (and its counts) stay
+    got = Metrics.collect(reader)
+    assert got.values("asyncbatch.items", "repo", "asyncbatch.outcome")["succeeded"] == 11
+    assert got.values("asyncbatch.pending", "repo") == 0
+    telemetry.remove()
+
+
+def test_bound_methods_of_two_instances_need_their_own_name(
+    meter_provider: MeterProvider,
+    reader: InMemoryMetricReader,
+    tracer_provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+) -> None:
+    """``instrument(repo.get)``: that instance only, named after the method; a second
+    instance's is refused, saying to pass ``name=`` (or use the class's); the name
+    given names its points and its spans."""
+    import gc
+    import weakref
+
+    Repo = _repo_class()
+    a, b = Repo(1), Repo(10)
+    first = instrument(a.get, meter_provider=meter_provider)
+    assert first.name == "repo"
+    with pytest.raises(ValueError, match="'repo' is already instrumented") as refused:
+        instrument(b.get, meter_provider=meter_provider)
+    assert "instrument the method on the class" in str(refused.value)
+    assert "instrument(obj.method, name=...)" in str(refused.value)
+    with pytest.raises(ValueError, match="'repo' is already instrumented"):
+        instrument(Repo.get, meter_provider=meter_provider)
+    named = instrument(
+        b.get, name="repo-b", meter_provider=meter_provider, tracer_provider=tracer_provider
+    )
+    assert repr(named) == "<BatcherTelemetry batcher='repo-b' [tracing]>"
+    asyncio.run(_both(a, 3, b, 2))
+    asyncio.run(_read(a, 1))  # two more loops of `a` between two collections
+    asyncio.run(_read(a, 2))
+    got = Metrics.collect(reader)
+    assert got.values("asyncbatch.items", "repo", "asyncbatch.outcome")["succeeded"] == 6
+    assert got.values("asyncbatch.batches", "repo", "asyncbatch.reason")["size"] == 2
+    assert got.values("asyncbatch.batches", "repo", "asyncbatch.reason")["wait"] == 2
+    assert got.values("asyncbatch.items", "repo-b", "asyncbatch.outcome")["succeeded"] == 2
+    assert got.histogram("asyncbatch.batch.size", "repo-b").count == 1
+    (span,) = sink_spans(exporter, "repo-b")
+    assert dict(span.attributes or {}) == {
+        "asyncbatch.batcher": "repo-b",
+        "messaging.batch.message_count": 2,
+        "asyncbatch.attempt": 1,
+    }
+
+    # The instance is held weakly: once collected, its points go and the name is free.
+    gone = weakref.ref(a)
+    del a
+    gc.collect()
+    assert gone() is None
+    assert first.target is None
+    assert Metrics.collect(reader).values("asyncbatch.items", "repo", "asyncbatch.outcome") == {}
+    instrument(Repo.get, meter_provider=meter_provider)  # every instance since the decoration
+    got = Metrics.collect(reader)
+    assert got.values("asyncbatch.items", "repo", "asyncbatch.outcome")["succeeded"] == 8
+    assert got.values("asyncbatch.items", "repo-b", "asyncbatch.outcome")["succeeded"] == 2
+    first.remove()
+
+
+@pytest.mark.parametrize(("name", "error"), [("", ValueError), (42, TypeError)])
+def test_a_bad_name_is_refused(meter_provider: MeterProvider, name: Any, error: type) -> None:
+    async def sink(items: list[int]) -> list[int]:
+        return items
+
+    with pytest.raises(error, match="name must"):
+        instrument(Batcher(sink), meter_provider=meter_provider, name=name)
