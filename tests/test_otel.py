@@ -660,9 +660,10 @@ def test_a_method_on_the_class_sums_every_instance(
     assert got.values("asyncbatch.batches", "repo", "asyncbatch.reason")["size"] == 2
     assert got.values("asyncbatch.batches", "repo", "asyncbatch.reason")["wait"] == 1
     assert got.histogram("asyncbatch.batch.size", "repo").count == 3
-    assert sorted(
+    sizes: list[Any] = [
         (s.attributes or {})["messaging.batch.message_count"] for s in sink_spans(exporter, "repo")
-    ) == [1, 2, 2]
+    ]
+    assert sorted(sizes) == [1, 2, 2]
 
     # Between two collections: an instance made, used and collected; `a` on two more loops.
     c = Repo(100)
