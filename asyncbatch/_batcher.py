@@ -1,29 +1,24 @@
-"""The Batcher: accumulate items into batches, dispatch them, resolve callers.
+"""The Batcher: its public surface and the per-item hot path.
 
-Where things live in this module:
+The Batcher is assembled from parts, one concern per module (see ``_core``):
 
-- ``_put``: the per-item hot path (one future, two appends, maybe a timer).
-- ``_make_due`` / ``_pump`` / ``_start``: the dispatch rule.
-- ``_run``: one batch's sink calls (timeout, retry, isolation).
-- ``_deliver``: per-item results onto futures (the mapping itself is in
-  ``_results``; the time triggers are in ``_timers``).
-- ``submit*``, ``flush``, ``aclose``: the public surface.
+- here: ``submit*``/``put*`` and ``_put`` (the per-item hot path: one
+  future, two appends, maybe a timer), loop binding, ``configure``,
+  re-entrancy, ``flush``/``aclose``;
+- ``_dispatch``: the dispatch rule (``_make_due`` / ``_pump`` / ``_start``);
+- ``_runner``: one batch's sink calls (timeout, retry, isolation,
+  streaming) and ``_deliver`` (per-item results onto futures; the mapping
+  itself is in ``_results``, the time triggers in ``_timers``);
+- ``_overflow``: room under ``max_pending`` and callers leaving.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextvars
-import enum
 import functools
-import heapq
-import inspect
 import itertools
-import logging
 import math
-import threading
-import time
 import warnings
 from collections import OrderedDict, deque
 from collections.abc import (
@@ -33,133 +28,40 @@ from collections.abc import (
     Callable,
     Hashable,
     Iterable,
-    Mapping,
     Sequence,
 )
-from typing import Any, Generic, Literal, Self, TypeAlias, TypeVar, overload
+from typing import Any, Literal, Self, overload
 
-from ._concurrency import Adaptive, BatchSample
+from ._batch import _Batch, _Discard, _extra_list, _extra_of, _Fut, _has_live
+from ._concurrency import Adaptive
+from ._core import _IN_SINK, Overflow, R, SinkResult, T, _get_ident, _log, _State
+from ._dispatch import _Dispatch
 from ._exceptions import BatcherClosed, QueueFull
 from ._loopwatch import LoopWatch
-from ._observe import MAX_LINKS, Observer, SinkCall
-from ._results import answer_values
-from ._retry import Retry, Retryable
-from ._stats import BatcherStats, BatchReport, DispatchReason
-from ._streaming import END, Stream
-from ._timers import Deadlines, next_tick
+from ._observe import MAX_LINKS, Observer
+from ._options import (
+    _check_int,
+    _check_number,
+    _check_sink,
+    _checked_weight,
+    _concurrency,
+    _linger,
+)
+from ._options import _Unset as _Unset  # re-exported for _decorator and _loader
+from ._overflow import _Overflow
+from ._retry import Retry
+from ._runner import _Runner
+from ._stats import BatcherStats, BatchReport
+from ._streaming import Stream
+from ._timers import Deadlines
 
 __all__ = ["Batcher", "Overflow", "SinkResult"]
 
-T = TypeVar("T")
-R = TypeVar("R")
-
-SinkResult: TypeAlias = Sequence[R | Exception] | Mapping[Any, R | Exception] | None
-"""What a sink may return for a batch; see :class:`Batcher`."""
-
-Overflow = Literal["block", "reject", "drop_oldest"]
 _OVERFLOWS = ("block", "reject", "drop_oldest")
-
-_Fut: TypeAlias = asyncio.Future[Any]
-_log = logging.getLogger("asyncbatch")
-# Set inside each sink task (and so in the tasks it starts): whose sink, which batch.
-_IN_SINK: contextvars.ContextVar[tuple[Batcher[Any, Any], _Batch] | None] = contextvars.ContextVar(
-    "asyncbatch_in_sink", default=None
-)
-_done = asyncio.Future.done
-_get_ident = threading.get_ident
-
-
-class _Unset(enum.Enum):
-    """``configure``'s "not given" (``None`` means something for several options)."""
-
-    UNSET = "unset"
-
-
 _UNSET = _Unset.UNSET
 
 
-class _State(enum.Enum):
-    IDLE = "idle"  # not bound to a loop yet
-    RUNNING = "running"
-    CLOSING = "closing"
-    CLOSED = "closed"
-
-
-class _Batch:
-    """One batch, from its first item to its last resolved caller.
-
-    ``items[i]`` is slot ``i``; ``futs[i]`` its first caller and, with
-    ``dedupe``, ``extra[i]`` the callers coalesced into it. A batch is *open*
-    while it is its partition's entry in ``Batcher._open`` (it accepts items),
-    *due* once ``reason`` is set (it sits in ``Batcher._ready`` until a slot
-    is free), and *running* once its sink call started.
-    """
-
-    __slots__ = (
-        "arrivals",
-        "calls",
-        "captured",
-        "coalesced",
-        "counted",
-        "cursor",
-        "due_at",
-        "extra",
-        "failed",
-        "finished",
-        "futs",
-        "gone_callers",
-        "in_heads",
-        "index",
-        "items",
-        "left",
-        "on_done",
-        "opened",
-        "overloaded",
-        "partition",
-        "reason",
-        "released",
-        "running",
-        "seq",
-        "timer",
-        "weight",
-    )
-
-    def __init__(self, partition: Hashable, seq: int, dedupe: bool) -> None:
-        self.partition = partition
-        self.seq = seq
-        self.items: list[Any] = []
-        self.futs: list[_Fut] = []
-        self.weight: float = 0
-        self.reason: DispatchReason | None = None
-        self.timer: asyncio.Handle | None = None
-        self.running = False
-        self.finished = False
-        self.index: dict[Hashable, int] | None = {} if dedupe else None
-        self.extra: dict[int, list[_Fut]] | None = None
-        self.coalesced = 0
-        # Slots whose room under max_pending was already given back (callers
-        # that left, dropped items); the dispatch sweep releases the rest.
-        self.released = 0
-        self.left: set[_Fut] | None = None  # callers whose leaving gave the room back
-        self.gone_callers: dict[int, int] | None = None  # dedupe: slot -> callers that left
-        self.overloaded = False  # the backend signalled overload (for an Adaptive limit)
-        self.cursor = 0  # slots before it have no caller left (drop_oldest scans from here)
-        # drop_oldest: each slot's arrival number, and whether Batcher._heads has it.
-        self.arrivals: list[int] | None = None
-        self.in_heads = False
-        # Cancelled futures already counted in stats.cancelled by their caller.
-        self.counted: set[_Fut] | None = None
-        self.on_done: list[_Fut] | None = None
-        self.opened = 0.0  # loop.time() of the first item
-        self.due_at = 0.0  # loop.time() when it became due (kept for an Adaptive limit)
-        self.calls = 0  # sink calls made for it
-        # What observers captured at submit (trace context), first MAX_LINKS items.
-        self.captured: list[object] | None = None
-        # (item, error) of its failed items, kept only when someone reads reports.
-        self.failed: list[tuple[Any, BaseException]] | None = None
-
-
-class Batcher(Generic[T, R]):
+class Batcher(_Overflow[T, R], _Runner[T, R], _Dispatch[T, R]):
     """Gathers concurrent submissions into batches for one async *sink* call each.
 
     Each caller awaits its own item's result::
@@ -229,70 +131,7 @@ class Batcher(Generic[T, R]):
     the next use rebinds.
     """
 
-    __slots__ = (
-        "__weakref__",
-        "_arrival",
-        "_batches",
-        "_busy",
-        "_cancel_on_close",
-        "_cancelled",
-        "_capture",
-        "_close_when_idle",
-        "_closing",
-        "_deadlines",
-        "_dedupe",
-        "_discard",
-        "_dispatched_slots",
-        "_dropped",
-        "_expired",
-        "_failed",
-        "_gone",
-        "_heads",
-        "_hot",
-        "_in_flight",
-        "_inflight",
-        "_key",
-        "_loop",
-        "_max_concurrency",
-        "_max_pending",
-        "_max_size",
-        "_max_wait_setting",
-        "_max_weight",
-        "_name",
-        "_observers",
-        "_on_batch",
-        "_open",
-        "_overflow",
-        "_partition",
-        "_peak_pending",
-        "_pending",
-        "_plain",
-        "_plain_keyed",
-        "_policy",
-        "_putters",
-        "_ready",
-        "_reasons",
-        "_reclaimed",
-        "_reentrant",
-        "_refusals_logged",
-        "_refusals_seen",
-        "_rejected",
-        "_reserved",
-        "_retries",
-        "_retry",
-        "_seq",
-        "_sink",
-        "_soon",
-        "_state",
-        "_streaming",
-        "_submitted",
-        "_succeeded",
-        "_timeout",
-        "_undue",
-        "_waiting",
-        "_watch",
-        "_weigh",
-    )
+    __slots__ = ("__weakref__",)
 
     def __init__(
         self,
@@ -363,8 +202,8 @@ class Batcher(Generic[T, R]):
         self._max_weight = math.inf if max_weight is None else max_weight
         self._weigh = weigh
         # None (no limit) is kept as infinity: the slot test stays one comparison.
-        self._max_concurrency: float = limit
-        self._policy: Adaptive | None = policy
+        self._max_concurrency = limit
+        self._policy = policy
         self._max_pending = max_pending
         self._overflow = overflow
         self._key = key
@@ -377,41 +216,41 @@ class Batcher(Generic[T, R]):
         # max_wait=0 with no heartbeat: every batch is due at the end of the
         # iteration that opened it, armed with call_soon rather than call_at.
         self._soon = max_wait == 0 and interval is None
-        self._observers: tuple[Observer, ...] = ()
-        self._capture: tuple[Callable[[], object], ...] = ()
+        self._observers = ()
+        self._capture = ()
         self._plain = self._plain_keyed = False
         self._choose_paths()
 
         self._state = _State.IDLE
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop = None
         # Per item, the fast paths check only ``self._hot._thread_id`` against the
         # calling thread: for an asyncio loop ``_hot`` is the bound loop itself,
         # whose ``_thread_id`` is its thread while it runs and None once it stops
         # (a stopped loop, another loop in this thread, or another thread all go
         # through _bind); get_running_loop() would cost 5x more on 3.11.
-        self._hot: Any = _UNBOUND
-        self._open: dict[Hashable, _Batch] = {}
-        self._waiting: dict[_Batch, None] = {}  # undispatched batches, oldest first
-        self._ready: deque[_Batch] = deque()
-        self._inflight: dict[_Batch, asyncio.Task[None]] = {}
+        self._hot = _UNBOUND
+        self._open = {}
+        self._waiting = {}  # undispatched batches, oldest first
+        self._ready = deque()
+        self._inflight = {}
         # Submitters waiting for room, in line (an OrderedDict: leaving is O(1)).
-        self._putters: OrderedDict[_Fut, None] = OrderedDict()
+        self._putters = OrderedDict()
         self._reserved = 0  # room held for woken putters that have not run yet
         self._busy = 0
         self._seq = itertools.count()
-        self._closing: asyncio.Future[None] | None = None
+        self._closing = None
         self._cancel_on_close = False
-        self._undue: dict[_Batch, None] = {}  # open batches not yet due, oldest first
+        self._undue = {}  # open batches not yet due, oldest first
         # drop_oldest: (arrival number of its oldest live item, seq, batch), a heap.
-        self._heads: list[tuple[int, int, _Batch]] = []
+        self._heads = []
         self._arrival = itertools.count()
         # Batches whose sink waits on this same batcher (nested submit, flush,
         # aclose), with how many such waits: a re-entrant wait never waits for them.
-        self._reentrant: dict[_Batch, int] = {}
+        self._reentrant = {}
         self._close_when_idle = False  # a close started from inside a sink
-        self._discard: _Discard | None = None  # the "caller" of put/put_nowait items
-        self._gone: _Fut | None = None  # stands in for the caller of a dropped slot
-        self._watch: LoopWatch | None = None
+        self._discard = None  # the "caller" of put/put_nowait items
+        self._gone = None  # stands in for the caller of a dropped slot
+        self._watch = None
         self._refusals_logged = -math.inf
         self._reclaimed = False
         self._refusals_seen = (0, 0)
@@ -429,7 +268,7 @@ class Batcher(Generic[T, R]):
         self._batches = 0
         self._dispatched_slots = 0
         self._retries = 0
-        self._reasons: dict[str, int] = {}
+        self._reasons = {}
 
     # ------------------------------------------------------------------ public
 
@@ -1077,26 +916,6 @@ class Batcher(Generic[T, R]):
             self._room_ran_out()
         self._pump()
 
-    def _rearm(self, batch: _Batch) -> None:
-        """Arm an open batch's timer again under new timing settings."""
-        loop = self._loop
-        assert loop is not None
-        if batch.timer is not None:
-            batch.timer.cancel()
-            batch.timer = None
-        if self._soon:
-            batch.timer = loop.call_soon(self._on_timer, batch, "wait")
-            return
-        deadline = self._deadlines.first(batch.opened)
-        if deadline is None:
-            return
-        when, tick = deadline
-        reason: DispatchReason = "interval" if tick else "wait"
-        if tick and when <= loop.time():
-            # The grid point after the first item passed: the next one to come.
-            when = next_tick(self._deadlines.t0, self._deadlines.interval or 1.0, loop.time())
-        batch.timer = loop.call_at(when, self._on_timer, batch, reason)
-
     async def _aclose_from_sink(self, own: _Batch, cancel: bool) -> None:
         loop = self._loop
         assert loop is not None
@@ -1533,963 +1352,7 @@ class Batcher(Generic[T, R]):
             self._release(1)
             self._wake_putters()
 
-    def _open_batch(self, pkey: Hashable) -> _Batch:
-        loop = self._bind()
-        batch = _Batch(pkey, next(self._seq), self._dedupe)
-        self._open[pkey] = batch
-        self._waiting[batch] = None
-        self._undue[batch] = None
-        if self._overflow == "drop_oldest":  # numbered even before max_pending is set
-            batch.arrivals = []
-        batch.opened = now = loop.time()
-        if self._soon:
-            # Due once the tasks created in this iteration have taken their first
-            # step (two hops of the ready queue, as DataLoaders do): a resolver
-            # that loads from a task started now still joins this batch.
-            batch.timer = loop.call_soon(self._on_soon, batch)
-            return batch
-        deadline = self._deadlines.first(now)
-        if deadline is not None:
-            when, tick = deadline
-            reason: DispatchReason = "interval" if tick else "wait"
-            batch.timer = loop.call_at(when, self._on_timer, batch, reason)
-        return batch
-
-    # ------------------------------------------------------------ dispatch rule
-
-    def _on_timer(self, batch: _Batch, reason: DispatchReason) -> None:
-        batch.timer = None
-        self._make_due(batch, reason)
-
-    def _on_soon(self, batch: _Batch) -> None:
-        loop = self._loop
-        assert loop is not None
-        batch.timer = loop.call_soon(self._on_timer, batch, "wait")
-
-    def _seal(self, batch: _Batch, reason: DispatchReason) -> None:
-        """The batch is full: it takes no more items and becomes due."""
-        if self._open.get(batch.partition) is batch:
-            del self._open[batch.partition]
-        self._make_due(batch, reason)
-
-    def _make_due(self, batch: _Batch, reason: DispatchReason) -> None:
-        # The first trigger names the batch; later ones (it fills up while it
-        # waits for a slot) do not move it in the FIFO of due batches.
-        if batch.timer is not None:
-            batch.timer.cancel()
-            batch.timer = None
-        if batch.reason is None:
-            batch.reason = reason
-            if self._policy is not None:
-                loop = self._loop
-                assert loop is not None
-                batch.due_at = loop.time()
-            self._undue.pop(batch, None)
-            self._ready.append(batch)
-            self._pump()
-
-    def _pump(self) -> None:
-        ready = self._ready
-        limit = self._max_concurrency
-        if self._reentrant:
-            # Sinks waiting on this batcher hold their slots idle: if the limit
-            # dropped under them (configure, Adaptive), one slot is still lent
-            # so that what they wait for can run.
-            limit = max(limit, len(self._reentrant) + 1)
-        while ready and self._busy < limit:
-            batch = ready.popleft()
-            if not batch.running:  # else retired while it waited (every item dropped)
-                self._start(batch)
-
-    def _start(self, batch: _Batch) -> None:
-        """Seal ``batch``, drop withdrawn callers, and start its sink call."""
-        if self._open.get(batch.partition) is batch:
-            del self._open[batch.partition]
-        if batch.timer is not None:
-            batch.timer.cancel()
-            batch.timer = None
-        batch.running = True
-        del self._waiting[batch]
-        self._undue.pop(batch, None)
-        self._release(len(batch.futs) - batch.released)
-        self._submitted += len(batch.futs) + batch.coalesced
-        self._wake_putters()
-        items, futs, extra = self._live(batch, batch.items, batch.futs, _extra_list(batch))
-        if not items:
-            self._signal_done(batch)
-            return
-        assert batch.reason is not None
-        self._batches += 1
-        self._dispatched_slots += len(items)
-        self._reasons[batch.reason] = self._reasons.get(batch.reason, 0) + 1
-        self._busy += 1
-        self._in_flight += len(items)
-        _log.debug(
-            "batcher %r: dispatching %d items (reason %r)", self._name, len(items), batch.reason
-        )
-        if self._on_batch is not None or self._observers:
-            batch.failed = []
-        loop = self._loop
-        assert loop is not None
-        task = loop.create_task(self._run(batch, items, futs, extra))
-        if not task.done():  # an eager task factory may have finished it already
-            self._inflight[batch] = task
-            task.add_done_callback(functools.partial(self._reap, batch, items, futs, extra))
-
-    def _reap(
-        self,
-        batch: _Batch,
-        items: list[Any],
-        futs: list[_Fut],
-        extra: list[list[_Fut]] | None,
-        task: asyncio.Task[None],
-    ) -> None:
-        # A task cancelled before its first step never runs a line of _run, so
-        # its callers would wait forever: resolve them here instead.
-        if not task.cancelled():
-            task.exception()  # delivered to the callers already: not "never retrieved"
-        if batch.finished:
-            return
-        closed = self._call_cancelled()
-        self._deliver(batch, items, futs, extra, None, closed)
-        loop = self._loop
-        assert loop is not None
-        self._finish(batch, len(futs), loop.time(), closed)
-
-    def _live(
-        self,
-        batch: _Batch,
-        items: list[Any],
-        futs: list[_Fut],
-        extra: list[list[_Fut]] | None,
-    ) -> tuple[list[Any], list[_Fut], list[list[_Fut]] | None]:
-        """Keep only the slots that still have a caller waiting."""
-        if extra is None and not any(map(_done, futs)):
-            return items, futs, None
-        keep_items: list[Any] = []
-        keep_futs: list[_Fut] = []
-        keep_extra: list[list[_Fut]] = []
-        for i, item in enumerate(items):
-            waiters = [futs[i], *extra[i]] if extra is not None else [futs[i]]
-            live = []
-            for fut in waiters:
-                if fut.done():
-                    self._count_cancelled(batch, fut)
-                else:
-                    live.append(fut)
-            if live:
-                keep_items.append(item)
-                keep_futs.append(live[0])
-                keep_extra.append(live[1:])
-        has_extra = any(keep_extra)
-        return keep_items, keep_futs, keep_extra if has_extra else None
-
-    # -------------------------------------------------------------- sink calls
-
-    async def _run(
-        self,
-        batch: _Batch,
-        items: list[Any],
-        futs: list[_Fut],
-        extra: list[list[_Fut]] | None,
-    ) -> None:
-        _IN_SINK.set((self, batch))  # this task's context: re-entrant calls know their sink
-        loop = self._loop
-        assert loop is not None
-        start = loop.time()
-        size = len(items)
-        error: BaseException | None = None
-        try:
-            error = await self._run_parts(batch, items, futs, extra)
-        except asyncio.CancelledError:
-            closed = self._call_cancelled()
-            error = closed
-            self._deliver(batch, items, futs, extra, None, closed)
-            raise
-        except BaseException as exc:
-            error = exc
-            self._deliver(batch, items, futs, extra, None, exc)
-            raise
-        finally:
-            self._finish(batch, size, start, error)
-
-    async def _run_parts(
-        self,
-        batch: _Batch,
-        items: list[Any],
-        futs: list[_Fut],
-        extra: list[list[_Fut]] | None,
-    ) -> BaseException | None:
-        """The sink calls of a batch: one, unless ``configure`` lowered ``max_size``
-        or ``max_weight`` after it filled; then consecutive parts, each within
-        the limits in force when it starts, one after the other in this slot."""
-        error: BaseException | None = None
-        while items:
-            n = self._fits(batch, items)
-            part_extra = extra[:n] if extra is not None else None
-            error = await self._run_part(batch, items[:n], futs[:n], part_extra) or error
-            items, futs = items[n:], futs[n:]
-            extra = extra[n:] if extra is not None else None
-        return error
-
-    def _fits(self, batch: _Batch, items: list[Any]) -> int:
-        """How many of ``items`` (at least one) one sink call may take now."""
-        n = min(len(items), self._max_size)
-        weigh = self._weigh
-        if weigh is None or batch.weight <= self._max_weight:
-            return n
-        total: float = 0
-        for i in range(n):
-            total += weigh(items[i])
-            if i and total > self._max_weight:
-                return i
-        return n
-
-    async def _run_part(
-        self,
-        batch: _Batch,
-        items: list[Any],
-        futs: list[_Fut],
-        extra: list[list[_Fut]] | None,
-    ) -> BaseException | None:
-        """One sink call and its retries (and isolation); the error it ends with, if any."""
-        if self._streaming:
-            return await self._run_stream(batch, items, futs, extra)
-        retry = self._retry
-        attempts = 0
-        error: BaseException | None = None
-        while True:
-            attempts += 1
-            try:
-                values = await self._call(batch, items)
-            except Exception as exc:
-                if _overload(exc):
-                    batch.overloaded = True
-                final = isinstance(exc, _SinkMisuse)
-                if not final and self._may_retry(attempts, exc):
-                    items, futs, extra = await self._back_off(
-                        batch, attempts, exc, items, futs, extra
-                    )
-                    if self._fits(batch, items) < len(items):
-                        # configure() lowered a limit meanwhile: the retry goes in parts.
-                        return await self._run_parts(batch, items, futs, extra)
-                    if items:
-                        continue
-                    break
-                if not final and retry is not None and retry.isolate and len(items) > 1:
-                    error = await self._isolate(batch, items, futs, extra, exc)
-                else:
-                    error = exc
-                    self._deliver(batch, items, futs, extra, None, exc)
-            else:
-                if self._policy is not None and any(map(_overload, values)):
-                    batch.overloaded = True
-                again: list[int] | None = None
-                if retry is not None and attempts < retry.attempts:
-                    again = []
-                self._deliver(batch, items, futs, extra, values, None, again)
-                if again:
-                    assert retry is not None
-                    if any(_overload(values[i]) for i in again):
-                        batch.overloaded = True
-                    # Items the sink marked Retryable go again, on their own,
-                    # after the backoff (or the longest retry_after among them).
-                    delay = max(retry.delay(attempts, values[i]) for i in again)
-                    self._retried(attempts, delay, values[again[0]])
-                    await asyncio.sleep(delay)
-                    items, futs, extra = self._live(
-                        batch,
-                        [items[i] for i in again],
-                        [futs[i] for i in again],
-                        [extra[i] for i in again] if extra is not None else None,
-                    )
-                    if items:
-                        continue
-            return error
-        return error  # every caller left while the batch waited for a retry
-
-    async def _run_stream(
-        self,
-        batch: _Batch,
-        items: list[Any],
-        futs: list[_Fut],
-        extra: list[list[_Fut]] | None,
-    ) -> BaseException | None:
-        """Feed the callers' streams from one async generator call per batch.
-
-        Retries (``retry``) only until a first step was delivered; ``timeout``
-        bounds each step. When every caller has left, the generator is closed.
-        """
-        attempts = 0
-        while True:
-            attempts += 1
-            batch.calls += 1
-            agen = self._sink(list(items))
-            if not hasattr(agen, "__anext__"):
-                error: BaseException = _SinkMisuse(
-                    f"sink {self._name!r} returned {type(agen).__name__}, not an async iterator"
-                )
-                self._deliver(batch, items, futs, extra, None, error)
-                return error
-            delivered = False
-            try:
-                while self._still_wanted(futs, extra):
-                    try:
-                        step = await self._next_step(agen, len(items))
-                    except StopAsyncIteration:
-                        self._deliver(batch, items, futs, extra, [None] * len(items), None)
-                        return None
-                    values = answer_values(self._name, step, items, self._key)
-                    delivered = True
-                    self._feed(batch, items, futs, extra, values)
-                return None  # every caller left: the generator is closed below
-            except Exception as exc:
-                if _overload(exc):
-                    batch.overloaded = True
-                if not delivered and self._may_retry(attempts, exc):
-                    items, futs, extra = await self._back_off(
-                        batch, attempts, exc, items, futs, extra
-                    )
-                    if items:
-                        continue
-                    return None
-                self._deliver(batch, items, futs, extra, None, exc)
-                return exc
-            finally:
-                await _close_quietly(agen)
-
-    async def _next_step(self, agen: Any, size: int) -> object:
-        try:
-            if self._timeout is None:
-                return await agen.__anext__()
-            return await self._await_in_time(agen.__anext__(), size)
-        except asyncio.CancelledError as exc:
-            task = asyncio.current_task()
-            if task is None or task.cancelling():
-                raise
-            raise RuntimeError(
-                f"sink {self._name!r} raised CancelledError without being cancelled"
-            ) from exc
-
-    @staticmethod
-    def _still_wanted(futs: list[_Fut], extra: list[list[_Fut]] | None) -> bool:
-        if not all(map(_done, futs)):
-            return True
-        return extra is not None and any(not all(map(_done, w)) for w in extra)
-
-    def _feed(
-        self,
-        batch: _Batch,
-        items: list[Any],
-        futs: list[_Fut],
-        extra: list[list[_Fut]] | None,
-        values: Sequence[Any],
-    ) -> None:
-        """One generator step: each entry to its callers' streams."""
-        for i, value in enumerate(values):
-            waiters = futs[i : i + 1] if extra is None else [futs[i], *extra[i]]
-            if value is END or isinstance(value, Exception):
-                if isinstance(value, Retryable):
-                    value = value.error
-                self._deliver(
-                    batch,
-                    [items[i]],
-                    [futs[i]],
-                    [extra[i]] if extra is not None else None,
-                    [None if value is END else value],
-                    None,
-                )
-                continue
-            for stream in waiters:
-                if not stream.done():
-                    stream.push(value)  # type: ignore[attr-defined]
-
-    def _may_retry(self, attempts: int, exc: BaseException) -> bool:
-        retry = self._retry
-        return retry is not None and attempts < retry.attempts and retry.retries(exc)
-
-    async def _back_off(
-        self,
-        batch: _Batch,
-        attempts: int,
-        exc: BaseException,
-        items: list[Any],
-        futs: list[_Fut],
-        extra: list[list[_Fut]] | None,
-    ) -> tuple[list[Any], list[_Fut], list[list[_Fut]] | None]:
-        """Wait before try ``attempts + 1``; the callers still there after it."""
-        assert self._retry is not None
-        delay = self._retry.delay(attempts, exc)
-        self._retried(attempts, delay, exc)
-        await asyncio.sleep(delay)
-        return self._live(batch, items, futs, extra)
-
-    def _retried(self, attempt: int, delay: float, exc: BaseException) -> None:
-        self._retries += 1
-        _log.info(
-            "batcher %r: sink call failed (attempt %d, %s: %s); retrying in %.3f s",
-            self._name,
-            attempt,
-            type(exc).__name__,
-            exc,
-            delay,
-        )
-
-    def _call_cancelled(self) -> BatcherClosed:
-        if self._cancel_on_close:
-            return BatcherClosed(
-                f"{self!r} was closed with cancel=True while this item's batch was in flight"
-            )
-        return BatcherClosed(f"the sink call of {self!r} was cancelled")
-
-    async def _call(self, batch: _Batch, items: list[Any]) -> Sequence[Any]:
-        """One sink call under ``timeout``, its answer mapped onto ``items``.
-
-        The sink gets a list of its own: it may sort, drain or keep it; the
-        answer is mapped back onto ``items``, which the batcher alone holds.
-        """
-        batch.calls += 1
-        if self._observers:
-            return await self._observed_call(batch, items)
-        return answer_values(self._name, await self._await_sink(items), items, self._key)
-
-    async def _observed_call(self, batch: _Batch, items: list[Any]) -> Sequence[Any]:
-        loop = self._loop
-        assert loop is not None
-        call = SinkCall(self._name, len(items), batch.calls, batch.captured or (), loop.time())
-        # The observers of this call are those attached when it started: one
-        # detached meanwhile still gets its call_finished, with its own token.
-        observers = self._observers
-        tokens = [
-            self._notify("observer call_started", functools.partial(o.call_started, call))
-            for o in observers
-        ]
-        error: BaseException | None = None
-        try:
-            return answer_values(self._name, await self._await_sink(items), items, self._key)
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            duration = loop.time() - call.start
-            for observer, token in zip(observers, tokens, strict=True):
-                self._notify(
-                    "observer call_finished",
-                    functools.partial(observer.call_finished, call, token, duration, error),
-                )
-
-    async def _await_sink(self, items: list[Any]) -> object:
-        awaitable = self._sink(list(items))
-        if not inspect.isawaitable(awaitable):
-            raise _SinkMisuse(
-                f"sink {self._name!r} returned {type(awaitable).__name__}, not an awaitable; "
-                "a sink must be an async function (async def sink(items): ...)"
-            )
-        try:
-            if self._timeout is None:
-                return await awaitable
-            return await self._await_in_time(awaitable, len(items))
-        except asyncio.CancelledError as exc:
-            task = asyncio.current_task()
-            if task is None or task.cancelling():
-                raise  # this call was cancelled (aclose(cancel=True), the loop ending)
-            # Nobody cancelled this call: the sink raised CancelledError itself.
-            raise RuntimeError(
-                f"sink {self._name!r} raised CancelledError without being cancelled"
-            ) from exc
-
-    async def _await_in_time(self, awaitable: Awaitable[object], size: int) -> object:
-        assert self._timeout is not None
-        deadline = asyncio.timeout(self._timeout)
-        try:
-            async with deadline:
-                return await awaitable
-        except TimeoutError:
-            if not deadline.expired():
-                raise  # the sink's own TimeoutError
-            raise TimeoutError(
-                f"sink {self._name!r} did not answer within {self._timeout} s "
-                f"(batch of {size} items)"
-            ) from None
-
-    async def _isolate(
-        self,
-        batch: _Batch,
-        items: list[Any],
-        futs: list[_Fut],
-        extra: list[list[_Fut]] | None,
-        exc: Exception,
-    ) -> BaseException | None:
-        """Bisect a failed batch so that only items failing alone get an error.
-
-        Halves run one after the other, left first, one try each. Returns the
-        error of the last item that failed alone (``None`` if in the end
-        every item got a result).
-        """
-        if len(items) == 1:
-            self._deliver(batch, items, futs, extra, None, exc)
-            return exc
-        error: BaseException | None = None
-        mid = len(items) // 2
-        for lo, hi in ((0, mid), (mid, len(items))):
-            part_extra = extra[lo:hi] if extra is not None else None
-            h_items, h_futs, h_extra = self._live(batch, items[lo:hi], futs[lo:hi], part_extra)
-            if not h_items:
-                continue
-            try:
-                values = await self._call(batch, h_items)
-            except Exception as half_exc:
-                error = await self._isolate(batch, h_items, h_futs, h_extra, half_exc) or error
-            else:
-                self._deliver(batch, h_items, h_futs, h_extra, values, None)
-        return error
-
-    # ----------------------------------------------------------------- results
-
-    def _deliver(
-        self,
-        batch: _Batch,
-        items: list[Any],
-        futs: list[_Fut],
-        extra: list[list[_Fut]] | None,
-        values: Sequence[Any] | None,
-        error: BaseException | None,
-        again: list[int] | None = None,
-    ) -> None:
-        """Resolve callers: ``values[i]`` for slot ``i``, or ``error`` for all.
-
-        Callers that already left (cancelled, expired, dropped) are skipped:
-        a finished future is never touched again. With ``again`` (a list), the
-        slots whose value is :class:`Retryable` and that still have a caller
-        are left unresolved and listed there; without it their callers get
-        the wrapped error. Nothing here raises before every caller is served.
-        """
-        resolved = failed = 0
-        report = batch.failed
-        if values is None:
-            assert error is not None
-            for i, fut in enumerate(futs):
-                if fut.done():
-                    self._count_cancelled(batch, fut)
-                    continue
-                _fail(fut, error)
-                resolved += 1
-                if report is not None:
-                    report.append((items[i], error))
-            failed = resolved
-        else:
-            for i, value in enumerate(values):
-                fut = futs[i]
-                if isinstance(value, Exception):
-                    if isinstance(value, Retryable):
-                        if again is not None and _has_live(fut, extra[i] if extra else None):
-                            again.append(i)
-                            continue
-                        value = value.error
-                    if fut.done():
-                        self._count_cancelled(batch, fut)
-                        continue
-                    _fail(fut, value)
-                    failed += 1
-                    if report is not None:
-                        report.append((items[i], value))
-                elif fut.done():
-                    self._count_cancelled(batch, fut)
-                    continue
-                else:
-                    fut.set_result(value)
-                resolved += 1
-        if extra is not None:
-            retrying = set(again) if again else ()
-            for i, waiters in enumerate(extra):
-                if not waiters or i in retrying:
-                    continue
-                value = error if values is None else values[i]
-                if isinstance(value, Retryable):
-                    value = value.error
-                is_error = values is None or isinstance(value, Exception)
-                hit = False
-                for fut in waiters:
-                    if fut.done():
-                        self._count_cancelled(batch, fut)
-                        continue
-                    resolved += 1
-                    if is_error:
-                        _fail(fut, value)
-                        failed += 1
-                        hit = True
-                    else:
-                        fut.set_result(value)
-                if hit and report is not None and futs[i].cancelled():
-                    report.append((items[i], value))  # its first caller had left
-        self._succeeded += resolved - failed
-        self._failed += failed
-
-    def _count_cancelled(self, batch: _Batch, fut: _Fut) -> None:
-        """Count a cancelled caller in ``stats.cancelled``, once."""
-        if not fut.cancelled():
-            return  # expired or dropped: counted when that happened
-        counted = batch.counted
-        if counted is None:
-            counted = batch.counted = set()
-        elif fut in counted:
-            return
-        counted.add(fut)
-        self._cancelled += 1
-
-    def _finish(
-        self,
-        batch: _Batch,
-        size: int,
-        start: float,
-        error: BaseException | None,
-    ) -> None:
-        loop = self._loop
-        assert loop is not None
-        batch.finished = True
-        policy = self._policy
-        if policy is not None:
-            now = loop.time()
-            # Items arrived between the batch's first item and its dispatch: on
-            # average they waited half that, then the sink time.
-            sample = BatchSample(
-                now=now,
-                size=size,
-                latency=(start - batch.opened) / 2 + (now - start),
-                queued=start - (batch.due_at or start),
-                duration=now - start,
-                in_flight=self._busy,
-                overloaded=batch.overloaded,
-                backlog=self._pending,
-                waiting=len(self._ready),
-            )
-            limit = self._notify("concurrency policy", functools.partial(policy.on_batch, sample))
-            if isinstance(limit, int) and not isinstance(limit, bool):
-                self._max_concurrency = min(max(policy.min, limit), policy.max)
-        self._busy -= 1
-        self._in_flight -= size
-        self._inflight.pop(batch, None)
-        if error is not None and not isinstance(error, BatcherClosed):
-            _log.warning(
-                "batcher %r: batch of %d items (partition %r) failed: %s: %s",
-                self._name,
-                size,
-                batch.partition,
-                type(error).__name__,
-                error,
-            )
-        self._report(batch, size, start, error)
-        self._signal_done(batch)
-        self._pump()
-        if self._close_when_idle and not self._inflight and not self._waiting:
-            self._complete_close()
-
-    def _report(self, batch: _Batch, size: int, start: float, error: BaseException | None) -> None:
-        """``on_batch`` and the observers' ``batch_finished``, once per batch."""
-        loop = self._loop
-        assert loop is not None
-        if self._on_batch is not None or self._observers:
-            assert batch.reason is not None
-            report = BatchReport(
-                size=size,
-                weight=batch.weight,
-                partition=batch.partition,
-                reason=batch.reason,
-                attempts=batch.calls,
-                start=start,
-                duration=loop.time() - start,
-                error=error,
-                wait=start - batch.opened,
-                failed_items=tuple(batch.failed or ()),
-            )
-            if self._on_batch is not None:
-                self._notify("on_batch callback", functools.partial(self._on_batch, report))
-            for observer in self._observers:
-                self._notify(
-                    "observer batch_finished",
-                    functools.partial(observer.batch_finished, self._name, report),
-                )
-
-    def _signal_done(self, batch: _Batch) -> None:
-        if batch.on_done:
-            for waiter in batch.on_done:
-                if not waiter.done():
-                    waiter.set_result(None)
-            batch.on_done = None
-
-    # ---------------------------------------------------- withdrawal and room
-
-    def _release(self, n: int) -> None:
-        """``n`` pending items leave (dispatched, withdrawn, dropped, failed)."""
-        if self._pending > self._peak_pending:
-            self._peak_pending = self._pending  # peaks that end without a dispatch count too
-        self._pending -= n
-
-    def _caller_left(self, batch: _Batch, fut: _Fut, item: T) -> None:
-        """A waiting caller was cancelled: count it and withdraw its item (if its own)."""
-        if fut.cancelled():
-            self._count_cancelled(batch, fut)
-            self._withdraw(batch, fut, item)
-
-    def _withdraw(self, batch: _Batch, fut: _Fut, item: T) -> None:
-        """A caller left before its result: release its room if still pending. O(1)."""
-        if batch.running:
-            return  # in flight (the sink has it) or already swept
-        if batch.index is not None:
-            # With dedupe the slot keeps its room while another caller waits on it.
-            index = item if self._key is None else self._key(item)
-            slot = batch.index.get(index)
-            if slot is None:
-                return  # dropped already
-            extra = _extra_of(batch, slot)
-            if extra:
-                # Count the callers that left rather than scan the slot's
-                # callers each time one leaves: O(1) per caller.
-                gone = batch.gone_callers
-                if gone is None:
-                    gone = batch.gone_callers = {}
-                left = gone[slot] = gone.get(slot, 0) + 1
-                if left <= len(extra):
-                    return  # still wanted (or a caller left without saying so)
-            elif not batch.futs[slot].done():
-                return
-            del batch.index[index]  # released once; an equal newcomer takes a new slot
-            fut = batch.futs[slot]
-        if batch.left is None:
-            batch.left = set()
-        batch.left.add(fut)
-        batch.released += 1
-        self._release(1)
-        self._wake_putters()
-
-    def _expire(self, batch: _Batch, fut: _Fut, item: T, timeout: float) -> None:
-        if fut.done():
-            return
-        fut.set_exception(TimeoutError(f"item of {self._name!r} not resolved within {timeout} s"))
-        self._expired += 1
-        self._withdraw(batch, fut, item)
-
-    def _make_room(self, waited: bool) -> bool:
-        """No room for one more item: make some (``drop_oldest``), or say there is none."""
-        if self._overflow == "drop_oldest":
-            return self._drop_oldest()
-        self._room_ran_out()
-        max_pending = self._max_pending
-        assert max_pending is not None
-        return self._pending + (0 if waited else self._reserved) < max_pending and (
-            waited or not self._putters
-        )
-
-    def _room_ran_out(self) -> None:
-        """``block``/``reject`` with ``max_pending`` reached: no open batch can grow.
-
-        A batch that cannot grow is as full as it will get, so every open
-        batch becomes due at once (reason ``"size"``) rather than lingering
-        for ``max_wait``; room comes back as soon as a slot takes them.
-        (Under ``drop_oldest`` batches still grow, by dropping old items.)
-        """
-        for batch in list(self._undue):
-            self._make_due(batch, "size")
-
-    def _track_arrival(self, batch: _Batch) -> None:
-        """``drop_oldest``: number the item, keep its batch findable by its oldest item."""
-        arrivals = batch.arrivals
-        assert arrivals is not None
-        seq = next(self._arrival)
-        arrivals.append(seq)
-        if not batch.in_heads:
-            batch.in_heads = True
-            heapq.heappush(self._heads, (seq, batch.seq, batch))
-
-    def _head(self, batch: _Batch) -> int:
-        """First slot at or after the cursor with a caller still waiting (O(1) amortized).
-
-        Slots passed over whose callers all left without giving their room
-        back (a cancelled ``submit_nowait`` future) give it back now; then
-        ``_reclaimed`` is set and no item needs to be dropped.
-        """
-        futs = batch.futs
-        slot = batch.cursor
-        left = batch.left
-        while slot < len(futs) and not _has_live(futs[slot], _extra_of(batch, slot)):
-            fut = futs[slot]
-            if fut is not self._gone and (left is None or fut not in left):
-                if left is None:
-                    left = batch.left = set()
-                left.add(fut)
-                batch.released += 1
-                self._release(1)
-                self._reclaimed = True
-            slot += 1
-        batch.cursor = slot
-        return slot
-
-    def _drop_oldest(self) -> bool:
-        """Free one slot of room, failing the oldest live pending item of any partition.
-
-        The batches with droppable items sit in a heap keyed by the arrival
-        number of their oldest live item; stale keys are fixed when they come
-        up. O(log partitions) per drop, each slot is passed over once.
-        """
-        heads = self._heads
-        self._reclaimed = False
-        while heads:
-            seq, _, batch = heads[0]
-            if batch.running:  # dispatched (or retired) since it was pushed
-                heapq.heappop(heads)
-                batch.in_heads = False
-                continue
-            slot = self._head(batch)
-            arrivals = batch.arrivals
-            assert arrivals is not None
-            if self._reclaimed:
-                return True
-            if slot == len(batch.futs):
-                heapq.heappop(heads)
-                batch.in_heads = False
-                continue
-            if arrivals[slot] != seq:
-                heapq.heapreplace(heads, (arrivals[slot], batch.seq, batch))
-                continue
-            self._drop_slot(batch, slot)
-            batch.cursor = slot + 1
-            nxt = self._head(batch)
-            if nxt < len(batch.futs):
-                heapq.heapreplace(heads, (arrivals[nxt], batch.seq, batch))
-            else:
-                heapq.heappop(heads)
-                batch.in_heads = False
-                if batch.released == len(batch.futs):
-                    self._retire(batch)
-            return True
-        return False
-
-    def _drop_slot(self, batch: _Batch, slot: int) -> None:
-        dropped = QueueFull(
-            f"dropped by {self!r}: max_pending={self._max_pending} was reached "
-            "and overflow='drop_oldest' made room for a newer item"
-        )
-        futs = batch.futs
-        extra = batch.extra.pop(slot, ()) if batch.extra else ()
-        for waiter in (futs[slot], *extra):
-            if waiter.done():
-                # Popped from the batch: the sweep will not see it again.
-                self._count_cancelled(batch, waiter)
-            else:
-                waiter.set_exception(dropped)
-                self._dropped += 1
-        futs[slot] = self._gone  # type: ignore[assignment]
-        if batch.index is not None:
-            # Later equal items must not coalesce into the dropped slot.
-            item = batch.items[slot]
-            k = item if self._key is None else self._key(item)
-            if batch.index.get(k) == slot:
-                del batch.index[k]
-        batch.items[slot] = None  # the sink will never see it: let it go
-        batch.released += 1
-        self._release(1)
-        self._refused("dropped")
-
-    def _retire(self, batch: _Batch) -> None:
-        """Forget a batch none of whose items is left to dispatch (all dropped)."""
-        if self._open.get(batch.partition) is batch:
-            del self._open[batch.partition]
-        if batch.timer is not None:
-            batch.timer.cancel()
-            batch.timer = None
-        self._undue.pop(batch, None)
-        self._waiting.pop(batch, None)
-        batch.running = True  # _pump passes over it in _ready
-        self._submitted += len(batch.futs) + batch.coalesced
-        self._live(batch, batch.items, batch.futs, _extra_list(batch))  # counts cancellations
-        self._signal_done(batch)
-
-    def _refused(self, what: Literal["rejected", "dropped"]) -> None:
-        """Count a refused or dropped item; log the counts at most once a second."""
-        if what == "rejected":
-            self._rejected += 1
-        if time.monotonic() - self._refusals_logged >= 1.0:
-            self._log_refusals()
-
-    def _log_refusals(self) -> None:
-        """Log the refusals not reported yet (also at close: none is left unsaid)."""
-        rejected = self._rejected - self._refusals_seen[0]
-        dropped = self._dropped - self._refusals_seen[1]
-        if rejected or dropped:
-            self._refusals_logged = time.monotonic()
-            self._refusals_seen = (self._rejected, self._dropped)
-            _log.warning(
-                "batcher %r is full (max_pending=%s, overflow=%r): %d items rejected and "
-                "%d dropped since the last report",
-                self._name,
-                self._max_pending,
-                self._overflow,
-                rejected,
-                dropped,
-            )
-
-    async def _put_when_room(self, item: T, fut: _Fut, deadline: float | None) -> _Batch:
-        """Wait in line for room (``overflow="block"``), or refuse."""
-        if self._overflow == "reject":
-            self._refused("rejected")
-            raise QueueFull(self._full_message())
-        loop = self._loop
-        assert loop is not None
-        putters = self._putters
-        first = True
-        while True:
-            putter: _Fut = loop.create_future()
-            putters[putter] = None
-            # FIFO: a woken putter that lost its room to a newcomer keeps its turn.
-            if not first:
-                putters.move_to_end(putter, last=False)
-            first = False
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await putter
-            except BaseException as exc:
-                woken = putter.done() and not putter.cancelled() and putter.exception() is None
-                if not putter.done():
-                    putter.cancel()
-                if woken:
-                    # Woken but leaving: pass the reserved room on to the next in line.
-                    self._reserved -= 1
-                    self._wake_putters()
-                else:
-                    putters.pop(putter, None)
-                if isinstance(exc, TimeoutError):
-                    self._refused("rejected")
-                    raise TimeoutError(
-                        f"no room in {self!r} (max_pending={self._max_pending}) "
-                        "within the submit timeout"
-                    ) from None
-                raise
-            self._reserved -= 1  # the room held for this putter is its to take now
-            if self._state is not _State.RUNNING:
-                raise BatcherClosed(f"{self!r} was closed")
-            batch = self._put(item, fut, waited=True)
-            if batch is not None:
-                return batch
-
-    def _wake_putters(self) -> None:
-        if not self._putters or self._max_pending is None:
-            return
-        room = self._max_pending - self._pending - self._reserved
-        while room > 0 and self._putters:
-            putter, _ = self._putters.popitem(last=False)
-            if not putter.done():
-                putter.set_result(None)
-                # Held until that putter runs: newcomers must not take it first.
-                self._reserved += 1
-                room -= 1
-
-    def _full_message(self) -> str:
-        return (
-            f"{self!r} is full: max_pending={self._max_pending} items accepted and "
-            f"not yet dispatched (overflow={self._overflow!r})"
-        )
-
-    # ------------------------------------------------------------ slow paths
+    # ------------------------------------------------ timeouts, waits, close
 
     async def _submit_with_timeout(
         self,
@@ -2591,156 +1454,5 @@ def _hot_marker(loop: asyncio.AbstractEventLoop) -> object:
     return loop if hasattr(loop, "_thread_id") else _RunningIn(loop)
 
 
-class _SinkMisuse(TypeError):
-    """The sink is not usable as called (not awaitable): failing again would not help."""
-
-
-class _Discard(asyncio.Future[Any]):
-    """The caller of every ``put``/``put_nowait`` item: nobody.
-
-    One per bound loop, shared by all such items. It stays pending, so the
-    batcher treats its items like any waiting caller's, and it ignores what
-    it is given: no future per item, nothing "never retrieved".
-    """
-
-    def set_result(self, result: Any, /) -> None:
-        pass
-
-    def set_exception(self, exception: type[BaseException] | BaseException, /) -> None:
-        pass
-
-
-async def _close_quietly(agen: Any) -> None:
-    """Close a sink's async generator; what it raises while closing is its own business."""
-    try:
-        await agen.aclose()
-    except Exception:
-        pass
-
-
 def _reraise(exc: BaseException) -> None:
     raise exc
-
-
-def _overload(exc: object) -> bool:
-    """An overload signal: a timeout, or an error that says when to come back."""
-    return isinstance(exc, TimeoutError) or getattr(exc, "retry_after", None) is not None
-
-
-def _fail(fut: _Fut, error: BaseException) -> None:
-    """``fut.set_exception(error)``, for any exception a sink may hand back.
-
-    ``Future.set_exception`` refuses ``StopIteration`` (it would end a
-    generator silently); like a coroutine that raises it (PEP 479), the
-    caller gets a ``RuntimeError`` whose ``__cause__`` is the original.
-    """
-    if isinstance(error, StopIteration):
-        wrapped = RuntimeError(f"the sink answered {error!r} for this item")
-        wrapped.__cause__ = error
-        error = wrapped
-    fut.set_exception(error)
-
-
-def _has_live(fut: _Fut, waiters: Sequence[_Fut] | None) -> bool:
-    """Whether a slot still has a caller waiting (its first, or a coalesced one)."""
-    if not fut.done():
-        return True
-    return waiters is not None and not all(map(_done, waiters))
-
-
-def _extra_of(batch: _Batch, slot: int) -> list[_Fut] | None:
-    return batch.extra.get(slot) if batch.extra else None
-
-
-def _checked_weight(batcher: Batcher[Any, Any], weight: object, item: object) -> float:
-    if isinstance(weight, bool) or not isinstance(weight, int | float):
-        raise TypeError(
-            f"weigh() of {batcher!r} returned {weight!r} for item {item!r}; "
-            "a weight must be an int or float >= 0"
-        )
-    if not 0 <= weight < math.inf:
-        raise ValueError(
-            f"weigh() of {batcher!r} returned {weight!r} for item {item!r}; "
-            "a weight must be a finite number >= 0"
-        )
-    return weight
-
-
-def _extra_list(batch: _Batch) -> list[list[_Fut]] | None:
-    if not batch.extra:
-        return None
-    extra = batch.extra
-    return [extra.get(i, []) for i in range(len(batch.items))]
-
-
-def _linger(max_wait: float | None, interval: float | None) -> float | None:
-    """The linger deadline in force: ``None`` (not given) is 0, or none with a heartbeat;
-    ``math.inf`` is none."""
-    if max_wait is None:
-        return None if interval is not None else 0.0
-    return None if math.isinf(max_wait) else max_wait
-
-
-def _concurrency(value: object) -> tuple[Adaptive | None, float]:
-    """``max_concurrency`` as (policy, limit now): an int, ``None``, ``Adaptive`` or "auto"."""
-    if value is None:
-        return None, math.inf
-    if value == "auto":
-        value = Adaptive()
-    if isinstance(value, Adaptive):
-        return value, value.limit
-    if isinstance(value, str):
-        raise TypeError(
-            f"max_concurrency must be an int, None, Adaptive(...) or 'auto', got {value!r}"
-        )
-    _check_int("max_concurrency", value, 1)
-    assert isinstance(value, int)
-    return None, value
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-
-
-def _check_number(name: str, value: object, *, positive: bool, infinite: bool) -> None:
-    """A real number in range; ``math.inf`` only where ``infinite`` (documented "no limit")."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    if math.isnan(value) or (value <= 0 if positive else value < 0):
-        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
-    if not infinite and math.isinf(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-
-
-def _check_sink(sink: object) -> bool:
-    """Refuse, at construction, a sink that is plainly not async; say if it streams.
-
-    A plain function or method (``def``, a lambda, or a partial of one) is
-    refused: awaiting its answer would fail only after it ran, and ran again
-    under ``retry``. Other callables cannot be told apart before they are
-    called; a non-awaitable answer then fails its batch with ``TypeError``,
-    never retried.
-    """
-    if not callable(sink):
-        raise TypeError(f"sink must be an async function, got {sink!r}")
-    fn: Any = sink
-    while isinstance(fn, functools.partial):
-        fn = fn.func
-    fn = inspect.unwrap(fn)
-    if inspect.isasyncgenfunction(fn) or inspect.isasyncgenfunction(type(fn).__call__):
-        return True  # a streaming sink: callers use submit_stream()
-    if (inspect.isfunction(fn) or inspect.ismethod(fn)) and not inspect.iscoroutinefunction(fn):
-        raise TypeError(
-            f"sink {_callable_name(sink)} is a plain function; a Batcher sink must be an "
-            "async function (`async def sink(items): ...`): wrap it, e.g. "
-            "`async def sink(items): return await to_awaitable(items)`, or run blocking "
-            "code with `await asyncio.to_thread(fn, items)`"
-        )
-    return False
-
-
-def _callable_name(fn: object) -> str:
-    return repr(getattr(fn, "__qualname__", None) or fn)
