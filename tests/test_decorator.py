@@ -8,10 +8,12 @@ import dataclasses
 import functools
 import gc
 import inspect
+import itertools
 import pickle
 import threading
 import weakref
-from collections.abc import Callable
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -28,6 +30,7 @@ from asyncbatch import (
     ResultMismatch,
     batch,
 )
+from asyncbatch._observe import figures_of
 
 from .support import settle
 
@@ -778,3 +781,116 @@ async def test_staticmethods_and_classmethods() -> None:
     deco: Any = batch()
     with pytest.raises(TypeError, match=r"cannot wrap the classmethod object .*put @classmethod"):
         deco(make_classmethod())
+
+
+# ------------------------------------- what a wrapper's batchers add up to (metrics)
+
+
+def _succeeded(target: Any) -> int:
+    figures = figures_of(target)
+    assert figures is not None
+    return figures.total().succeeded
+
+
+def test_the_wrappers_can_be_weakly_referenced() -> None:
+    async def gen(items: list[int]) -> AsyncIterator[list[int]]:
+        yield items
+
+    streaming: Any = batch()(gen)
+    for wrapper in (Store.__dict__["get"], batch()(_double), streaming):
+        assert weakref.ref(wrapper)() is wrapper
+    assert Store.get.name == "Store.get"
+    assert figures_of(Batcher(_double)) is None  # a Batcher is read through its stats
+
+
+async def _double(items: list[int]) -> list[int]:
+    return [i * 2 for i in items]
+
+
+def test_a_function_keeps_the_counts_of_the_batchers_it_let_go() -> None:
+    double = batch(max_size=2)(_double)
+
+    async def work(n: int, close: bool = False) -> None:
+        await asyncio.gather(*(double(i) for i in range(n)))
+        if close:
+            await double.aclose()
+            await double(0)  # a fresh batcher replaces the closed one
+
+    assert _succeeded(double) == 0
+    asyncio.run(work(3))
+    asyncio.run(work(2, close=True))  # forgets the first loop's batcher, replaces one
+    figures = figures_of(double)
+    assert figures is not None
+    assert figures.kept == []  # no loop runs: every batcher is let go
+    assert figures.draining == []
+    assert figures.retired.counts["succeeded"] == 6
+    assert figures.retired.reasons == {"size": 2, "wait": 2}
+    assert figures.total().batches == 4
+    assert double.stats.submitted == 1  # ``stats`` is still the latest batcher's own
+
+
+def test_a_method_keeps_the_counts_of_the_instances_that_are_gone() -> None:
+    method = Store.__dict__["get"]
+    before = _succeeded(method)  # Store is shared by this module's tests
+
+    async def read(store: Store, n: int) -> None:
+        await asyncio.gather(*(store.get(i) for i in range(n)))
+
+    for n in range(1, 21):  # twenty instances made, used once and collected
+        asyncio.run(read(Store(str(n)), n))
+    gc.collect()
+    kept = Store("kept")  # tracking a new instance folds the gone ones in
+    asyncio.run(read(kept, 3))
+    assert method._family.dead == deque()  # nothing piles up, read or not
+    assert _succeeded(method) == before + 210 + 3
+    assert _succeeded(kept.get) == 3
+
+    # The weak reference's callback caught between leaving the instance's
+    # batchers for the family and removing them: counted once, not twice.
+    state = method._instances[id(kept)]
+    method._family.dead.append(state)
+    assert _succeeded(method) == before + 213
+    assert _succeeded(method) == before + 213
+    del kept, state
+    gc.collect()
+    assert _succeeded(method) == before + 213
+
+
+def test_counts_never_go_back_while_loops_and_instances_come_and_go() -> None:
+    """Threads run loops (a function, and instances made and dropped) while another
+    reads the sums: every read is at least the one before, the last one exact."""
+
+    class Repo:
+        @batch(max_size=2)
+        async def get(self, ids: list[int]) -> list[int]:
+            return ids
+
+    double = batch(max_size=2)(_double)
+    runs, done = 40, threading.Event()
+    seen: dict[str, list[int]] = {"function": [], "method": []}
+
+    async def work() -> None:
+        await asyncio.gather(*(double(i) for i in range(3)), *(Repo().get(i) for i in range(3)))
+
+    def loops() -> None:
+        for _ in range(runs):
+            asyncio.run(work())  # its instances are freed as it ends (reference counts)
+
+    def reader() -> None:
+        while not done.is_set():
+            seen["function"].append(_succeeded(double))
+            seen["method"].append(_succeeded(Repo.get))
+
+    threads = [threading.Thread(target=loops) for _ in range(2)]
+    watcher = threading.Thread(target=reader)
+    watcher.start()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    done.set()
+    watcher.join()
+    for reads in seen.values():
+        assert reads
+        assert all(a <= b for a, b in itertools.pairwise(reads)), reads
+    assert _succeeded(double) == _succeeded(Repo.get) == 2 * runs * 3
