@@ -8,7 +8,7 @@ links to the submitters' spans, parentage and ERROR status.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,8 @@ from asyncbatch.contrib.otel import (
     BatcherTelemetry,
     instrument,
 )
+
+from .conftest import FLAVOURS
 
 pytestmark = pytest.mark.looptime
 
@@ -569,8 +571,19 @@ def test_an_instrumented_batcher_is_not_kept_alive(
     telemetry.remove()
 
 
+def _runner(flavour: str) -> Callable[[Coroutine[Any, Any, Any]], Any]:
+    """``asyncio.run`` on a new loop of ``flavour`` (see conftest: asyncio, eager, uvloop)."""
+
+    def run(coro: Coroutine[Any, Any, Any]) -> Any:
+        with asyncio.Runner(loop_factory=FLAVOURS[flavour]) as runner:
+            return runner.run(coro)
+
+    return run
+
+
+@pytest.mark.parametrize("flavour", sorted(FLAVOURS))
 def test_batchers_made_and_let_go_between_two_collections_are_counted(
-    meter_provider: MeterProvider, reader: InMemoryMetricReader
+    meter_provider: MeterProvider, reader: InMemoryMetricReader, flavour: str
 ) -> None:
     """Loops that end (``asyncio.run`` twice) and ``aclose()`` replacements, uncollected."""
 
@@ -579,6 +592,7 @@ def test_batchers_made_and_let_go_between_two_collections_are_counted(
         return [x * 2 for x in items]
 
     instrument(double, meter_provider=meter_provider)
+    run = _runner(flavour)
 
     async def work(n: int) -> None:
         assert await asyncio.gather(*(double(i) for i in range(n))) == [2 * i for i in range(n)]
@@ -586,8 +600,8 @@ def test_batchers_made_and_let_go_between_two_collections_are_counted(
     assert Metrics.collect(reader).values("asyncbatch.items", "runs", "asyncbatch.outcome") == {
         "succeeded": 0, "failed": 0, "cancelled": 0, "expired": 0, "rejected": 0, "dropped": 0,
     }  # fmt: skip
-    asyncio.run(work(3))  # [0, 1] size, [2] wait
-    asyncio.run(work(4))  # [0, 1] [2, 3] size
+    run(work(3))  # [0, 1] size, [2] wait
+    run(work(4))  # [0, 1] [2, 3] size
 
     async def replaced() -> None:  # three batchers of one loop, two of them let go
         await work(2)  # size
@@ -596,7 +610,7 @@ def test_batchers_made_and_let_go_between_two_collections_are_counted(
         await double.aclose()
         await work(2)  # size
 
-    asyncio.run(replaced())
+    run(replaced())
     got = Metrics.collect(reader)
     assert got.values("asyncbatch.items", "runs", "asyncbatch.outcome") == {
         "succeeded": 12, "failed": 0, "cancelled": 0, "expired": 0, "rejected": 0, "dropped": 0,

@@ -15,7 +15,7 @@ import sys
 import threading
 import urllib.request
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from asyncbatch.contrib.prometheus import (
     instrument,
 )
 
+from .conftest import FLAVOURS
 from .support import settle
 
 LabelSet = tuple[tuple[str, str], ...]
@@ -565,8 +566,19 @@ def test_a_registry_is_freed_after_instrument() -> None:
 # ------------------------------------------- batchers let go between two scrapes
 
 
+def _runner(flavour: str) -> Callable[[Coroutine[Any, Any, Any]], Any]:
+    """``asyncio.run`` on a new loop of ``flavour`` (see conftest: asyncio, eager, uvloop)."""
+
+    def run(coro: Coroutine[Any, Any, Any]) -> Any:
+        with asyncio.Runner(loop_factory=FLAVOURS[flavour]) as runner:
+            return runner.run(coro)
+
+    return run
+
+
+@pytest.mark.parametrize("flavour", sorted(FLAVOURS))
 def test_batchers_made_and_let_go_between_two_scrapes_are_counted(
-    registry: CollectorRegistry,
+    registry: CollectorRegistry, flavour: str
 ) -> None:
     """Loops that end (``asyncio.run`` twice) and ``aclose()`` replacements, unscraped."""
 
@@ -575,13 +587,14 @@ def test_batchers_made_and_let_go_between_two_scrapes_are_counted(
         return [x * 2 for x in items]
 
     instrument(double, registry=registry)
+    run = _runner(flavour)
 
     async def work(n: int) -> None:
         assert await asyncio.gather(*(double(i) for i in range(n))) == [2 * i for i in range(n)]
 
     assert _succeeded(registry, "runs") == 0
-    asyncio.run(work(3))  # [0, 1] size, [2] wait
-    asyncio.run(work(4))  # [0, 1] [2, 3] size; this loop's start forgets the first loop's
+    run(work(3))  # [0, 1] size, [2] wait
+    run(work(4))  # [0, 1] [2, 3] size; this loop's start forgets the first loop's
 
     async def replaced() -> None:  # three batchers of one loop, two of them let go
         await work(2)  # size
@@ -590,7 +603,7 @@ def test_batchers_made_and_let_go_between_two_scrapes_are_counted(
         await double.aclose()
         await work(2)  # size
 
-    asyncio.run(replaced())
+    run(replaced())
     got = Scrape.parse(_exposition(registry))
     assert {
         dict(labels)["outcome"]: v
@@ -609,7 +622,7 @@ def test_batchers_made_and_let_go_between_two_scrapes_are_counted(
     assert got.value("asyncbatch_in_flight_items", batcher="runs") == 0
     # No loop runs any more: no batcher is kept, the counts stay.
     assert double._state.figures().kept == []
-    asyncio.run(work(1))
+    run(work(1))
     assert _succeeded(registry, "runs") == 13
 
 
@@ -677,16 +690,20 @@ async def _read(repo: Any, n: int) -> None:
     ]
 
 
-def test_a_method_on_the_class_sums_every_instance(registry: CollectorRegistry) -> None:
+@pytest.mark.parametrize("flavour", sorted(FLAVOURS))
+def test_a_method_on_the_class_sums_every_instance(
+    registry: CollectorRegistry, flavour: str
+) -> None:
     """``instrument(Repo.get)``: one series over every instance's batchers, those made
     later and those collected meanwhile included, monotonic."""
     Repo = _repo_class()
+    run = _runner(flavour)
     metrics = instrument(Repo.get, registry=registry)  # before any instance exists
     assert metrics.name == "repo"
     assert _succeeded(registry, "repo") == 0
     a, b = Repo(1), Repo(10)
 
-    asyncio.run(_both(a, 3, b, 2))  # a: [0, 1] size, [2] wait; b: [0, 1] size
+    run(_both(a, 3, b, 2))  # a: [0, 1] size, [2] wait; b: [0, 1] size
     got = Scrape.parse(_exposition(registry))
     assert set(got.series("asyncbatch_items_total")) == {
         (("batcher", "repo"), ("outcome", outcome))
@@ -703,13 +720,13 @@ def test_a_method_on_the_class_sums_every_instance(registry: CollectorRegistry) 
 
     # Between two scrapes: an instance made, used and collected; `a` on two more loops.
     c = Repo(100)
-    asyncio.run(_read(c, 4))  # size, size
+    run(_read(c, 4))  # size, size
     gone = weakref.ref(c)
     del c
     gc.collect()
     assert gone() is None  # not kept alive by the instrumented method
-    asyncio.run(_read(a, 1))  # wait
-    asyncio.run(_read(a, 1))  # wait
+    run(_read(a, 1))  # wait
+    run(_read(a, 1))  # wait
     got = Scrape.parse(_exposition(registry))
     assert got.value("asyncbatch_items_total", batcher="repo", outcome="succeeded") == 11
     assert got.value("asyncbatch_batches_total", batcher="repo", reason="size") == 4
