@@ -33,6 +33,7 @@ class _Batch:
         "extra",
         "failed",
         "finished",
+        "full_at",
         "futs",
         "gone_callers",
         "in_heads",
@@ -80,6 +81,9 @@ class _Batch:
         self.opened = 0.0  # loop.time() of the first item
         self.due_at = 0.0  # loop.time() when it became due (kept for an Adaptive limit)
         self.calls = 0  # sink calls made for it
+        # The inlined submit paths test ``len(futs) >= full_at`` per item and no more:
+        # max_size, or the next item to capture for (Batcher._filled).
+        self.full_at = 0
         # What observers captured at submit (trace context), first MAX_LINKS items.
         self.captured: list[object] | None = None
         # (item, error) of its failed items, kept only when someone reads reports.

@@ -355,8 +355,8 @@ class Batcher(_Overflow[T, R], _Runner[T, R], _Dispatch[T, R]):
             batch.items.append(item)
             batch.futs.append(fut)
             self._pending += 1
-            if len(batch.futs) >= self._max_size:
-                self._seal(batch, "size")
+            if len(batch.futs) >= batch.full_at:
+                self._filled(batch)
             try:
                 return await fut  # type: ignore[no-any-return]
             except asyncio.CancelledError:
@@ -453,8 +453,8 @@ class Batcher(_Overflow[T, R], _Runner[T, R], _Dispatch[T, R]):
             batch.items.append(item)
             batch.futs.append(fut)
             self._pending += 1
-            if len(batch.futs) >= self._max_size:
-                self._seal(batch, "size")
+            if len(batch.futs) >= batch.full_at:
+                self._filled(batch)
             return fut
         loop = self._bind()
         if self._streaming:
@@ -529,8 +529,8 @@ class Batcher(_Overflow[T, R], _Runner[T, R], _Dispatch[T, R]):
             batch.items.append(item)
             batch.futs.append(self._discard)  # type: ignore[arg-type]
             self._pending += 1
-            if len(batch.futs) >= self._max_size:
-                self._seal(batch, "size")
+            if len(batch.futs) >= batch.full_at:
+                self._filled(batch)
             return
         self._bind()
         if self._streaming:
@@ -891,6 +891,7 @@ class Batcher(_Overflow[T, R], _Runner[T, R], _Dispatch[T, R]):
         )
         self._max_pending = pending
         self._choose_paths()
+        self._recheck_open()
         timing = (wait, tick) != (self._deadlines.max_wait, self._deadlines.interval)
         self._deadlines.max_wait, self._deadlines.interval = wait, tick
         self._soon = wait == 0 and tick is None
@@ -1008,11 +1009,17 @@ class Batcher(_Overflow[T, R], _Runner[T, R], _Dispatch[T, R]):
             and self._partition is None
             and self._weigh is None
             and self._max_pending is None
-            and not self._capture
         )
+        # A capturing observer (a tracer) keeps the inlined path: _filled
+        # captures for the first MAX_LINKS items of each batch (see full_at).
         self._plain = simple and not self._dedupe
         # The DataLoader's configuration: only the dedupe index to compute (_put_key).
-        self._plain_keyed = simple and self._dedupe
+        self._plain_keyed = simple and self._dedupe and not self._capture
+
+    def _recheck_open(self) -> None:
+        """Settings changed: open batches take their next item through ``_filled``."""
+        for batch in self._open.values():
+            batch.full_at = min(batch.full_at, len(batch.futs) + 1)
 
     def _attach(self, observer: Observer) -> None:
         """Private, for integrations (see ``_observe``): tell ``observer`` about batches."""
@@ -1021,11 +1028,13 @@ class Batcher(_Overflow[T, R], _Runner[T, R], _Dispatch[T, R]):
         self._observers = (*self._observers, observer)
         self._capture = tuple(o.capture for o in self._observers if o.capture is not None)
         self._choose_paths()
+        self._recheck_open()
 
     def _detach(self, observer: Observer) -> None:
         self._observers = tuple(o for o in self._observers if o is not observer)
         self._capture = tuple(o.capture for o in self._observers if o.capture is not None)
         self._choose_paths()
+        self._recheck_open()
 
     def _notify(self, what: str, call: Callable[[], object]) -> object:
         """Run one observer hook; its failure goes to the loop's handler, not to callers."""
@@ -1224,6 +1233,34 @@ class Batcher(_Overflow[T, R], _Runner[T, R], _Dispatch[T, R]):
         ):
             self._room_ran_out()
         return batch
+
+    def _filled(self, batch: _Batch) -> None:
+        """The inlined paths' one test per item came true (``len(futs) >= full_at``).
+
+        Either the batch is full, or an observer captures for this item (the
+        first :data:`MAX_LINKS` of a batch, while a tracer is attached): then
+        ``full_at`` moves one item on, and past the captures back to
+        ``max_size``, so nothing more runs per item without an observer.
+        """
+        n = len(batch.futs)
+        size = self._max_size
+        if n <= MAX_LINKS and self._capture:
+            captured = batch.captured
+            if captured is None:
+                captured = batch.captured = []
+            try:
+                for capture in self._capture:
+                    value = capture()
+                    if value is not None:
+                        captured.append(value)
+            except Exception as exc:  # an observer's bug must not refuse the item
+                self._notify("observer capture", functools.partial(_reraise, exc))
+            if n < size:
+                batch.full_at = n + 1 if n < MAX_LINKS else size
+                return
+        batch.full_at = size
+        if n >= size:
+            self._seal(batch, "size")
 
     def _capture_links(self, batch: _Batch) -> None:
         captured = batch.captured

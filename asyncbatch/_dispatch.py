@@ -33,6 +33,7 @@ class _Dispatch(_Core[T, R]):
     def _open_batch(self, pkey: Hashable) -> _Batch:
         loop = self._bind()
         batch = _Batch(pkey, next(self._seq), self._dedupe)
+        batch.full_at = 1 if self._capture else self._max_size
         self._open[pkey] = batch
         self._waiting[batch] = None
         self._undue[batch] = None
