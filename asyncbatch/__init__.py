@@ -2,7 +2,13 @@
 
 Layout (public names are re-exported here; everything else is private):
 
-- ``_batcher``     Batcher: accumulation, the dispatch rule, sink calls
+- ``_batcher``     Batcher: the public surface and the per-item hot path
+- ``_core``        the Batcher's state, declared once for its parts
+- ``_dispatch``    the dispatch rule: when a batch is due, when it starts
+- ``_runner``      sink calls (timeout, retry, isolation) and result delivery
+- ``_overflow``    room under max_pending: block, reject, drop_oldest
+- ``_batch``       one batch's record
+- ``_options``     option checks (constructor and configure)
 - ``_concurrency`` how many sink calls at once: the Adaptive policy
 - ``_observe``     hooks for integrations (per batch, never per item)
 - ``_loopwatch``   noticing that the bound loop shuts down
@@ -15,7 +21,8 @@ Layout (public names are re-exported here; everything else is private):
 - ``_loader``      DataLoader: request coalescing with a per-key future cache
 - ``_stream``      chunks: micro-batching an async iterable
 - ``_streaming``   streaming per-item results: each caller's stream, END
-- ``contrib/``     optional integrations (``bulkapi``, ``httpx``); never imported here
+- ``contrib/``     optional integrations (``bulkapi``, ``httpx``, ``prometheus``, ``otel``,
+                   ``redis``); never imported here
 """
 
 from ._batcher import Batcher as Batcher

@@ -695,7 +695,39 @@ def hook_costs(max_size: int, rounds: int = 2000, repeat: int = 7) -> list[list[
                 _fmt(best * 1e6 / max_size, 3),
             ]
         )
+    rows.append(_sdk_span_floor(max_size, rounds, repeat))
     return rows
+
+
+def _sdk_span_floor(max_size: int, rounds: int, repeat: int) -> list[str]:
+    """The OpenTelemetry SDK's own cost of one span per sink call (the floor under traces).
+
+    One ``start_span`` with the three attributes asyncbatch sets, made
+    current and ended: what any per-call tracing pays, before asyncbatch's
+    captures and links.
+    """
+    import time
+
+    from opentelemetry import context, trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    tracer = TracerProvider(shutdown_on_exit=False).get_tracer("floor")
+    root = context.Context()
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.process_time()
+        for _ in range(rounds):
+            span = tracer.start_span(
+                "asyncbatch.sink floor",
+                context=root,
+                attributes={"asyncbatch.batcher": "floor", "messaging.batch.message_count": 256},
+                links=[],
+            )
+            token = context.attach(trace.set_span_in_context(span))
+            context.detach(token)
+            span.end()
+        best = min(best, (time.process_time() - start) / rounds)
+    return ["(SDK span alone)", _fmt(best * 1e6, 2), "0", _fmt(best * 1e6 / max_size, 3)]
 
 
 # -- allocation mode -----------------------------------------------------------
