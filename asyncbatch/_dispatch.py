@@ -15,6 +15,7 @@ grow by themselves under load.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 from collections.abc import Hashable
 from typing import Any
@@ -127,7 +128,9 @@ class _Dispatch(_Core[T, R]):
             batch.failed = []
         loop = self._loop
         assert loop is not None
-        task = loop.create_task(self._run(batch, items, futs, extra))
+        # A context of its own: the batch serves many callers, so none of their
+        # contextvars (request ids, tenants, trace baggage) may reach the sink.
+        task = loop.create_task(self._run(batch, items, futs, extra), context=contextvars.Context())
         if not task.done():  # an eager task factory may have finished it already
             self._inflight[batch] = task
             task.add_done_callback(functools.partial(self._reap, batch, items, futs, extra))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 
 import pytest
 
@@ -281,3 +282,35 @@ async def test_on_batch_errors_go_to_loop_exception_handler() -> None:
         assert await b.submit(2) == 20
     assert len(seen) == 2
     assert isinstance(seen[0]["exception"], RuntimeError)
+
+
+REQUEST: contextvars.ContextVar[str] = contextvars.ContextVar("request", default="none")
+
+
+async def test_the_sink_sees_no_callers_context() -> None:
+    seen: list[str] = []
+    spawned: list[str] = []
+
+    async def sink(items: list[int]) -> list[int]:
+        seen.append(REQUEST.get())
+        REQUEST.set(f"sink{items[0]}")
+
+        async def child() -> None:
+            spawned.append(REQUEST.get())
+
+        await asyncio.create_task(child())
+        await asyncio.sleep(0)
+        return items
+
+    # One slot: later batches start from the task of the batch before them.
+    batcher = Batcher(sink, max_size=3, max_wait=0.01, max_concurrency=1)
+
+    async def caller(i: int) -> int:
+        REQUEST.set(f"request{i}")
+        return await batcher.submit(i)
+
+    assert await asyncio.gather(*(caller(i) for i in range(9))) == list(range(9))
+    assert seen == ["none"] * 3
+    assert spawned == ["sink0", "sink3", "sink6"]  # tasks the sink starts inherit its context
+    assert REQUEST.get() == "none"
+    await batcher.aclose()
