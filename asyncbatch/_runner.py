@@ -15,17 +15,20 @@ import asyncio
 import functools
 import inspect
 from collections.abc import Awaitable, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 from ._batch import _Batch, _done, _fail, _Fut, _has_live
 from ._concurrency import BatchSample
 from ._core import _IN_SINK, R, T, _Core, _log
 from ._exceptions import BatcherClosed
-from ._observe import SinkCall
+from ._observe import Observer, SinkCall
 from ._results import answer_values
 from ._retry import Retryable
 from ._stats import BatchReport
 from ._streaming import END
+
+# A started sink call: what it was, the observers told, their tokens.
+_Started: TypeAlias = tuple[SinkCall, tuple[Observer, ...], list[object]]
 
 
 class _Runner(_Core[T, R]):
@@ -108,7 +111,7 @@ class _Runner(_Core[T, R]):
         while True:
             attempts += 1
             try:
-                values = await self._call(batch, items)
+                values = await self._call(batch, items, attempts)
             except Exception as exc:
                 if _overload(exc):
                     batch.overloaded = True
@@ -124,7 +127,7 @@ class _Runner(_Core[T, R]):
                         continue
                     break
                 if not final and retry is not None and retry.isolate and len(items) > 1:
-                    error = await self._isolate(batch, items, futs, extra, exc)
+                    error = await self._isolate(batch, items, futs, extra, exc, attempts)
                 else:
                     error = exc
                     self._deliver(batch, items, futs, extra, None, exc)
@@ -179,6 +182,8 @@ class _Runner(_Core[T, R]):
                 self._deliver(batch, items, futs, extra, None, error)
                 return error
             delivered = False
+            started = self._call_started(batch, len(items), attempts) if self._observers else None
+            failure: BaseException | None = None
             try:
                 while self._still_wanted(futs, extra):
                     try:
@@ -190,7 +195,10 @@ class _Runner(_Core[T, R]):
                     delivered = True
                     self._feed(batch, items, futs, extra, values)
                 return None  # every caller left: the generator is closed below
-            except Exception as exc:
+            except BaseException as exc:
+                failure = exc
+                if not isinstance(exc, Exception):
+                    raise
                 if _overload(exc):
                     batch.overloaded = True
                 if not delivered and self._may_retry(attempts, exc):
@@ -204,6 +212,7 @@ class _Runner(_Core[T, R]):
                 return exc
             finally:
                 await _close_quietly(agen)
+                self._call_finished(started, failure)
 
     async def _next_step(self, agen: Any, size: int) -> object:
         try:
@@ -289,28 +298,18 @@ class _Runner(_Core[T, R]):
             )
         return BatcherClosed(f"the sink call of {self!r} was cancelled")
 
-    async def _call(self, batch: _Batch, items: list[Any]) -> Sequence[Any]:
+    async def _call(self, batch: _Batch, items: list[Any], attempt: int) -> Sequence[Any]:
         """One sink call under ``timeout``, its answer mapped onto ``items``.
 
         The sink gets a list of its own: it may sort, drain or keep it; the
         answer is mapped back onto ``items``, which the batcher alone holds.
+        ``attempt`` is these items' try number (1, then 2... for retries and
+        isolation halves; each part of a batch split by ``configure`` is 1).
         """
         batch.calls += 1
-        if self._observers:
-            return await self._observed_call(batch, items)
-        return answer_values(self._name, await self._await_sink(items), items, self._key)
-
-    async def _observed_call(self, batch: _Batch, items: list[Any]) -> Sequence[Any]:
-        loop = self._loop
-        assert loop is not None
-        call = SinkCall(self._name, len(items), batch.calls, batch.captured or (), loop.time())
-        # The observers of this call are those attached when it started: one
-        # detached meanwhile still gets its call_finished, with its own token.
-        observers = self._observers
-        tokens = [
-            self._notify("observer call_started", functools.partial(o.call_started, call))
-            for o in observers
-        ]
+        if not self._observers:
+            return answer_values(self._name, await self._await_sink(items), items, self._key)
+        started = self._call_started(batch, len(items), attempt)
         error: BaseException | None = None
         try:
             return answer_values(self._name, await self._await_sink(items), items, self._key)
@@ -318,12 +317,35 @@ class _Runner(_Core[T, R]):
             error = exc
             raise
         finally:
-            duration = loop.time() - call.start
-            for observer, token in zip(observers, tokens, strict=True):
-                self._notify(
-                    "observer call_finished",
-                    functools.partial(observer.call_finished, call, token, duration, error),
-                )
+            self._call_finished(started, error)
+
+    def _call_started(self, batch: _Batch, size: int, attempt: int) -> _Started:
+        """Tell the observers a sink call starts (a streaming one: its generator)."""
+        loop = self._loop
+        assert loop is not None
+        call = SinkCall(self._name, size, attempt, batch.captured or (), loop.time())
+        # The observers of this call are those attached when it started: one
+        # detached meanwhile still gets its call_finished, with its own token.
+        observers = self._observers
+        tokens = [
+            self._notify("observer call_started", functools.partial(o.call_started, call))
+            for o in observers
+        ]
+        return call, observers, tokens
+
+    def _call_finished(self, started: _Started | None, error: BaseException | None) -> None:
+        """Tell the observers the call ended, last started first (their contexts nest)."""
+        if started is None:
+            return
+        call, observers, tokens = started
+        loop = self._loop
+        assert loop is not None
+        duration = loop.time() - call.start
+        for observer, token in reversed(list(zip(observers, tokens, strict=True))):
+            self._notify(
+                "observer call_finished",
+                functools.partial(observer.call_finished, call, token, duration, error),
+            )
 
     async def _await_sink(self, items: list[Any]) -> object:
         awaitable = self._sink(list(items))
@@ -366,6 +388,7 @@ class _Runner(_Core[T, R]):
         futs: list[_Fut],
         extra: list[list[_Fut]] | None,
         exc: Exception,
+        attempt: int,
     ) -> BaseException | None:
         """Bisect a failed batch so that only items failing alone get an error.
 
@@ -384,9 +407,12 @@ class _Runner(_Core[T, R]):
             if not h_items:
                 continue
             try:
-                values = await self._call(batch, h_items)
+                values = await self._call(batch, h_items, attempt + 1)
             except Exception as half_exc:
-                error = await self._isolate(batch, h_items, h_futs, h_extra, half_exc) or error
+                error = (
+                    await self._isolate(batch, h_items, h_futs, h_extra, half_exc, attempt + 1)
+                    or error
+                )
             else:
                 self._deliver(batch, h_items, h_futs, h_extra, values, None)
         return error

@@ -186,3 +186,122 @@ async def test_no_capture_without_a_capturing_observer() -> None:
     await asyncio.gather(*(batcher.submit(i) for i in range(20)))
     assert calls == 0
     await batcher.aclose()
+
+
+class Ordered(Recorder):
+    """Records the order of its hooks in a shared log."""
+
+    def __init__(self, tag: str, log: list[str]) -> None:
+        super().__init__()
+        self.tag = tag
+        self.log = log
+        self.finished: list[tuple[int, int, BaseException | None]] = []
+
+    def call_started(self, call: SinkCall) -> object:
+        self.log.append(f"start {self.tag}")
+        return super().call_started(call)
+
+    def call_finished(
+        self, call: SinkCall, token: object, duration: float, error: BaseException | None
+    ) -> None:
+        self.log.append(f"end {self.tag}")
+        self.finished.append((call.size, call.attempt, error))
+
+
+async def test_observers_end_a_call_in_the_reverse_order_they_started_it() -> None:
+    log: list[str] = []
+    batcher = Batcher(echo, max_size=2, max_wait=0.01)
+    attach(batcher, Ordered("a", log))
+    attach(batcher, Ordered("b", log))
+    await asyncio.gather(batcher.submit(1), batcher.submit(2))
+    assert log == ["start a", "start b", "end b", "end a"]
+    await batcher.aclose()
+
+
+async def test_a_streaming_sink_call_is_observed_from_first_step_to_close() -> None:
+    from asyncbatch import Retry
+
+    tries = 0
+
+    async def tokens(items: list[int]) -> Any:
+        nonlocal tries
+        tries += 1
+        if tries == 1:
+            raise ConnectionError("first try fails before any step")
+        for step in range(3):
+            yield [f"{x}:{step}" for x in items]
+        if items[0] == 99:
+            raise ValueError("late")
+
+    log: list[str] = []
+    recorder = Ordered("s", log)
+    batcher = Batcher(tokens, max_size=2, max_wait=0.01, retry=Retry(attempts=2, backoff=0))
+    attach(batcher, recorder)
+
+    async def read(x: int) -> list[str]:
+        return [v async for v in batcher.submit_stream(x)]
+
+    assert list(await asyncio.gather(read(1), read(2))) == [
+        ["1:0", "1:1", "1:2"],
+        ["2:0", "2:1", "2:2"],
+    ]
+    with pytest.raises(ValueError, match="late"):
+        await read(99)
+    sizes_attempts = [(size, attempt) for size, attempt, _ in recorder.finished]
+    assert sizes_attempts == [(2, 1), (2, 2), (1, 1)]
+    errors = [error for _, _, error in recorder.finished]
+    assert isinstance(errors[0], ConnectionError)
+    assert errors[1] is None
+    assert isinstance(errors[2], ValueError)
+    assert [r.attempts for r in recorder.reports] == [2, 1]
+    await batcher.aclose()
+
+
+async def test_attempt_numbers_count_tries_of_the_same_items() -> None:
+    from asyncbatch import Retry
+
+    calls: list[list[int]] = []
+
+    async def sink(items: list[int]) -> list[int]:
+        calls.append(list(items))
+        if 3 in items and len(items) > 1:
+            raise RuntimeError("3 poisons its batch")
+        return items
+
+    recorder = Recorder()
+    batcher = Batcher(
+        sink, max_size=4, max_wait=0.01, retry=Retry(attempts=2, backoff=0, isolate=True)
+    )
+    attach(batcher, recorder)
+    results = await asyncio.gather(*(batcher.submit(i) for i in range(4)), return_exceptions=True)
+    assert results == [0, 1, 2, 3]
+    # Try 1 and its retry (2) fail; isolation halves are try 3, quarters try 4.
+    assert [(c.size, c.attempt) for c in recorder.calls] == [
+        (4, 1),
+        (4, 2),
+        (2, 3),
+        (2, 3),
+        (1, 4),
+        (1, 4),
+    ]
+    await batcher.aclose()
+
+
+async def test_parts_of_a_batch_split_by_configure_are_each_a_first_try() -> None:
+    release = asyncio.Event()
+
+    async def sink(items: list[int]) -> list[int]:
+        await release.wait()
+        return items
+
+    recorder = Recorder()
+    batcher = Batcher(sink, max_size=10, max_wait=0.01)
+    attach(batcher, recorder)
+    first = batcher.submit_nowait(-1)
+    await asyncio.sleep(0.05)  # the first batch holds the only slot
+    futs = [batcher.submit_nowait(i) for i in range(10)]  # full: due, waiting for the slot
+    batcher.configure(max_size=4)
+    release.set()
+    await asyncio.gather(first, *futs)
+    assert [(c.size, c.attempt) for c in recorder.calls] == [(1, 1), (4, 1), (4, 1), (2, 1)]
+    await batcher.aclose()
