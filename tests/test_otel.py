@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from opentelemetry import trace
+from opentelemetry import baggage, trace
+from opentelemetry import context as otel_context
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     HistogramDataPoint,
@@ -28,6 +29,7 @@ from opentelemetry.trace import SpanContext, StatusCode
 
 import asyncbatch
 from asyncbatch import Batcher, DataLoader, Retry, batch
+from asyncbatch._observe import SinkCall
 from asyncbatch.contrib.otel import (
     DURATION_BUCKETS,
     SIZE_BUCKETS,
@@ -401,6 +403,131 @@ async def test_no_tracer_provider_means_no_capture_and_no_span(
             b, meter_provider=meter_provider, tracer_provider=trace.NoOpTracerProvider()
         )
         assert telemetry.capture is None
+
+
+async def test_two_tracers_leave_no_ended_span_current(
+    meter_provider: MeterProvider,
+    tracer_provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+) -> None:
+    """Two tracing observers on one batcher: the sink runs under the span attached
+    last; after the call no sink span is current (on_batch's spans are roots); no
+    submitter's baggage reaches the sink."""
+    tracer = tracer_provider.get_tracer("test")
+    seen: dict[str, Any] = {}
+
+    def on_batch(report: asyncbatch.BatchReport) -> None:
+        seen["on_batch"] = trace.get_current_span()
+        with tracer.start_as_current_span("after"):
+            pass
+
+    async def sink(items: list[int]) -> list[int]:
+        seen["baggage"] = dict(baggage.get_all())
+        with tracer.start_as_current_span("inside"):
+            pass
+        return items
+
+    b = Batcher(sink, name="two", on_batch=on_batch)
+    for name in ("two", "two-b"):
+        instrument(b, name=name, meter_provider=meter_provider, tracer_provider=tracer_provider)
+
+    async def request(x: int) -> int:
+        token = otel_context.attach(baggage.set_baggage("tenant", f"tenant-{x}"))
+        try:
+            return await b.submit(x)
+        finally:
+            otel_context.detach(token)
+
+    async with b:
+        assert await asyncio.gather(*(request(x) for x in range(3))) == [0, 1, 2]
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert set(spans) == {"asyncbatch.sink two", "asyncbatch.sink two-b", "inside", "after"}
+    inside, after, second = spans["inside"], spans["after"], spans["asyncbatch.sink two-b"]
+    assert inside.parent is not None
+    assert second.context is not None
+    assert inside.parent.span_id == second.context.span_id
+    assert after.parent is None
+    assert seen["on_batch"] is trace.INVALID_SPAN
+    assert seen["baggage"] == {}
+
+
+def test_contexts_detached_out_of_order_leave_no_ended_span_current(
+    meter_provider: MeterProvider, tracer_provider: TracerProvider
+) -> None:
+    """Observers ended first-started-first (not the nesting order): the context
+    current before the call comes back, not the first observer's ended span."""
+
+    async def sink(items: list[int]) -> list[int]:
+        return items
+
+    b = Batcher(sink, name="fifo")
+    first, second = (
+        instrument(b, name=name, meter_provider=meter_provider, tracer_provider=tracer_provider)
+        for name in ("fifo-1", "fifo-2")
+    )
+    outer = tracer_provider.get_tracer("test").start_span("outer")
+    token = otel_context.attach(trace.set_span_in_context(outer))
+    try:
+        call = SinkCall("fifo", 2, 1, (), 0.0)
+        first_token = first.call_started(call)
+        second_token = second.call_started(call)
+        assert first_token is not None
+        assert second_token is not None
+        assert trace.get_current_span() is second_token[0]
+        first.call_finished(call, first_token, 0.5, None)
+        second.call_finished(call, second_token, 0.5, None)
+        assert trace.get_current_span() is outer
+        # And in order: each end brings back what its start found.
+        first_token = first.call_started(call)
+        second_token = second.call_started(call)
+        assert first_token is not None
+        assert second_token is not None
+        second.call_finished(call, second_token, 0.5, None)
+        assert trace.get_current_span() is first_token[0]
+        first.call_finished(call, first_token, 0.5, None)
+        assert trace.get_current_span() is outer
+    finally:
+        otel_context.detach(token)
+        outer.end()
+    assert trace.get_current_span() is trace.INVALID_SPAN
+
+
+def test_a_meter_provider_let_go_is_not_kept() -> None:
+    """Instrumenting with many meter providers in turn keeps none of them (nor their
+    readers and points) once they are dropped."""
+    import gc
+    import weakref
+
+    from asyncbatch.contrib.otel import _Instruments
+
+    async def sink(items: list[int]) -> list[int]:
+        return items
+
+    gc.collect()
+    before = len(_Instruments._live())
+    readers: list[weakref.ref[InMemoryMetricReader]] = []
+
+    async def run() -> None:
+        for _ in range(20):
+            reader = InMemoryMetricReader()
+            provider = MeterProvider(metric_readers=[reader])
+            b = Batcher(sink, name="x")
+            telemetry = instrument(b, meter_provider=provider)
+            assert await b.submit(1) == 1
+            got = Metrics.collect(reader)
+            assert got.values("asyncbatch.items", "x", "asyncbatch.outcome")["succeeded"] == 1
+            telemetry.remove()
+            await b.aclose()
+            provider.shutdown()
+            readers.append(weakref.ref(reader))
+            del reader, provider, b, telemetry, got
+            gc.collect()
+
+    asyncio.run(run())
+    gc.collect()
+    assert [ref() for ref in readers] == [None] * 20
+    assert len(_Instruments._live()) == before
+    assert len(_Instruments._all) == before
 
 
 async def test_batch_function_and_dataloader(

@@ -62,7 +62,10 @@ exception recorded as an event. The span is a root span linked to the spans
 that were current when the items were submitted: one link per distinct span,
 from the first 128 items of the batch (OpenTelemetry's default link limit).
 While the sink runs the span is current, so the sink's own spans (an HTTP
-client's, a database driver's) are its children.
+client's, a database driver's) are its children; that context is built on an
+empty one (nothing of a submitter's context, baggage included, reaches the
+sink), and once the call ends whatever was current before it is current again,
+whatever order several tracing observers end in.
 
 Capturing the submitter's span costs a context lookup per item (first 128 of
 each batch) and is switched on only when a tracer provider is attached: one
@@ -74,6 +77,7 @@ runs per item.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -207,6 +211,38 @@ def _context_getter() -> Callable[[], object]:
     return otel_context.get_current
 
 
+class _Frame:
+    """What was current when a sink call's context was attached, and whether the call is over."""
+
+    __slots__ = ("done", "previous")
+
+    def __init__(self, previous: otel_context.Context) -> None:
+        self.previous = previous
+        self.done = False
+
+
+_FRAME = otel_context.create_key("asyncbatch.sink-call")
+
+
+def _unwind() -> None:
+    """Leave no finished sink call's context current.
+
+    Two tracing observers on one batcher attach two contexts per call. Were
+    they detached in the order they were attached (not the reverse), the
+    second detach would bring back the first one's context, whose span has
+    ended. Each context keeps, under a private key, the context it was
+    attached over: step back past those whose call is over.
+    """
+    current = otel_context.get_current()
+    frame = otel_context.get_value(_FRAME, current)
+    if not isinstance(frame, _Frame) or not frame.done:
+        return  # the usual case: what was current before the call
+    while isinstance(frame, _Frame) and frame.done:
+        current = frame.previous
+        frame = otel_context.get_value(_FRAME, current)
+    otel_context.attach(current)
+
+
 def _links(captured: Sequence[object]) -> list[Link]:
     """One link per distinct valid span among the captured contexts, in first-seen order."""
     seen: dict[tuple[int, int], SpanContext] = {}
@@ -288,7 +324,7 @@ class BatcherTelemetry:
 
     # Observer hooks (run on the batcher's loop).
 
-    def call_started(self, call: SinkCall) -> tuple[Span, object] | None:
+    def call_started(self, call: SinkCall) -> tuple[Span, object, _Frame] | None:
         """Start the call's span, current while the sink runs; ``None`` when not tracing."""
         if self._tracer is None:
             return None
@@ -298,7 +334,12 @@ class BatcherTelemetry:
             attributes={BATCHER: self.name, MESSAGE_COUNT: call.size, ATTEMPT: call.attempt},
             links=_links(call.captured),
         )
-        return span, otel_context.attach(trace.set_span_in_context(span))
+        # Built on the empty context, not the current one: nothing of the
+        # dispatching task's context (a submitter's baggage, say) reaches the
+        # sink. The frame remembers what was current, for _unwind.
+        frame = _Frame(otel_context.get_current())
+        context = otel_context.set_value(_FRAME, frame, trace.set_span_in_context(span, _ROOT))
+        return span, otel_context.attach(context), frame
 
     def call_finished(
         self, call: SinkCall, token: object, duration: float, error: BaseException | None
@@ -309,8 +350,10 @@ class BatcherTelemetry:
         instruments.duration.record(duration, self._attributes)
         if not isinstance(token, tuple):
             return
-        span, context_token = token
+        span, context_token, frame = token
+        frame.done = True
         otel_context.detach(context_token)
+        _unwind()
         if error is not None:
             span.record_exception(error)
             span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
@@ -326,9 +369,16 @@ _Read = Callable[[BatcherStats], Iterable[tuple[int, Mapping[str, str]]]]
 
 
 class _Instruments:
-    """One per meter: the instruments, shared by every batcher instrumented there."""
+    """One per meter: the instruments, shared by every batcher instrumented there.
 
-    _all: ClassVar[list[_Instruments]] = []
+    Every set is listed in ``_all``, weakly: a set lives as long as its
+    meter (whose instruments hold the set's callbacks) or a
+    :class:`BatcherTelemetry` using it, so a meter provider dropped takes
+    its meter, readers and points with it. The tuple is replaced, never
+    changed in place, so a collection may read it without the lock.
+    """
+
+    _all: ClassVar[tuple[weakref.ref[_Instruments], ...]] = ()
     _lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, meter: Meter) -> None:
@@ -407,12 +457,33 @@ class _Instruments:
             # Keyed by the meter actually returned (an SDK provider returns one
             # meter per name, whichever provider object asked for it).
             meter = metrics.get_meter(METER_NAME, __version__, meter_provider=provider)
-            for instruments in cls._all:
+            live = cls._live()
+            for instruments in live:
                 if instruments._meter is meter:
                     return instruments
             instruments = cls(meter)
-            cls._all.append(instruments)
+            cls._all = tuple(weakref.ref(i, cls._prune) for i in (*live, instruments))
             return instruments
+
+    @classmethod
+    def _prune(cls, _: object = None) -> None:
+        """A set is gone: drop its reference (a weak reference's callback).
+
+        It may run in a garbage collection started anywhere, even in a thread
+        that holds ``_lock`` or in a collection holding the SDK's locks: so it
+        never waits for ``_lock``. If the lock is taken it does nothing; the
+        next :meth:`of` drops every dead reference anyway.
+        """
+        if cls._lock.acquire(blocking=False):
+            try:
+                cls._all = tuple(ref for ref in cls._all if ref() is not None)
+            finally:
+                cls._lock.release()
+
+    @classmethod
+    def _live(cls) -> list[_Instruments]:
+        """The sets of instruments still alive."""
+        return [i for i in (ref() for ref in cls._all) if i is not None]
 
     def _resolved(self) -> object:
         """The meter that holds the instruments: a proxy meter's real one once it has it."""
@@ -427,7 +498,7 @@ class _Instruments:
         set report the members of all of them (only one set's callbacks run).
         """
         resolved = self._resolved()
-        return [self, *(i for i in list(self._all) if i is not self and i._resolved() is resolved)]
+        return [self, *(i for i in self._live() if i is not self and i._resolved() is resolved)]
 
     def add(self, telemetry: BatcherTelemetry, hint: str = "") -> None:
         with self._lock:
