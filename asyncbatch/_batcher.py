@@ -260,6 +260,7 @@ class Batcher(_Overflow[T, R], _Runner[T, R], _Dispatch[T, R]):
         self._refusals_logged = -math.inf
         self._reclaimed = False
         self._refusals_seen = (0, 0)
+        self._lost = 0  # items lost when the bound loop ended: it may not be replaced
 
         self._pending = 0
         self._peak_pending = 0
@@ -1022,6 +1023,15 @@ class Batcher(_Overflow[T, R], _Runner[T, R], _Dispatch[T, R]):
         # The DataLoader's configuration: only the dedupe index to compute (_put_key).
         self._plain_keyed = simple and self._dedupe and not self._capture
 
+    def _recheck_on_loop(self) -> None:
+        """``_recheck_open`` on the loop's thread: integrations attach from any thread."""
+        loop = self._loop
+        thread = self._hot._thread_id
+        if loop is not None and thread is not None and thread != _get_ident():
+            loop.call_soon_threadsafe(self._recheck_open)
+        else:
+            self._recheck_open()
+
     def _recheck_open(self) -> None:
         """Settings changed: open batches take their next item through ``_filled``."""
         for batch in self._open.values():
@@ -1034,13 +1044,13 @@ class Batcher(_Overflow[T, R], _Runner[T, R], _Dispatch[T, R]):
         self._observers = (*self._observers, observer)
         self._capture = tuple(o.capture for o in self._observers if o.capture is not None)
         self._choose_paths()
-        self._recheck_open()
+        self._recheck_on_loop()
 
     def _detach(self, observer: Observer) -> None:
         self._observers = tuple(o for o in self._observers if o is not observer)
         self._capture = tuple(o.capture for o in self._observers if o.capture is not None)
         self._choose_paths()
-        self._recheck_open()
+        self._recheck_on_loop()
 
     def _notify(self, what: str, call: Callable[[], object]) -> object:
         """Run one observer hook; its failure goes to the loop's handler, not to callers."""
@@ -1071,10 +1081,16 @@ class Batcher(_Overflow[T, R], _Runner[T, R], _Dispatch[T, R]):
                 self._hot = _hot_marker(loop)
             return loop
         if bound is not None:
-            if not bound.is_closed() or self._in_flight or self._putters or self._stranded():
+            if (
+                not bound.is_closed()
+                or self._lost
+                or self._in_flight
+                or self._putters
+                or self._stranded()
+            ):
                 raise RuntimeError(
                     f"{self!r} is bound to another event loop ({bound!r}) that is "
-                    "still open or still has its items; a batcher serves one loop: "
+                    "still open, or ended with items in it; a batcher serves one loop: "
                     "create one per loop (e.g. per asyncio.run() or per thread)"
                 )
             for batch in self._undispatched():  # only callers that left: forget them
@@ -1114,6 +1130,7 @@ class Batcher(_Overflow[T, R], _Runner[T, R], _Dispatch[T, R]):
         return (
             loop is not None
             and loop.is_closed()
+            and not self._lost
             and not self._in_flight
             and not self._putters
             and not self._stranded()
@@ -1132,17 +1149,29 @@ class Batcher(_Overflow[T, R], _Runner[T, R], _Dispatch[T, R]):
             )
 
     def _loop_ending(self) -> None:
-        """The bound loop is shutting down (``asyncio.run`` ends): say what is lost."""
+        """The bound loop is shutting down (``asyncio.run`` ends): fail what is lost."""
         self._watch = None
         self._hot = _UNBOUND  # the next use goes through _bind, which checks the loop
-        if self._state is _State.RUNNING and (self._pending or self._in_flight):
-            _log.warning(
-                "the event loop of batcher %r is shutting down with %d pending and %d "
-                "in-flight items: they are lost (close the batcher before the loop ends)",
-                self._name,
-                self._pending,
-                self._in_flight,
+        if self._state is not _State.CLOSED and (self._pending or self._in_flight):
+            # Nothing will run on this loop again: its callers and put items fail
+            # now (counted), its sink calls are cancelled (their tasks take that
+            # step before the loop stops); the batcher refuses another loop.
+            failed, in_flight = self._failed, self._in_flight
+            self._fail_undispatched(
+                RuntimeError(f"the event loop of {self!r} ended before this item was dispatched")
             )
+            for task in self._inflight.values():
+                task.cancel()
+            pending = self._failed - failed  # withdrawn callers' slots are not lost
+            if pending or in_flight:
+                self._lost = pending + in_flight
+                _log.warning(
+                    "the event loop of batcher %r is shutting down with %d pending and %d "
+                    "in-flight items: they are lost (close the batcher before the loop ends)",
+                    self._name,
+                    pending,
+                    in_flight,
+                )
 
     def _stop_watch(self) -> None:
         watch = self._watch
@@ -1435,7 +1464,15 @@ class Batcher(_Overflow[T, R], _Runner[T, R], _Dispatch[T, R]):
     def _cancel_everything(self, spare: _Batch | None = None) -> None:
         """``aclose(cancel=True)``: fail what is pending, cancel what runs (but ``spare``)."""
         self._cancel_on_close = True
-        closed = BatcherClosed(f"{self!r} was closed with cancel=True before dispatch")
+        self._fail_undispatched(
+            BatcherClosed(f"{self!r} was closed with cancel=True before dispatch")
+        )
+        for batch, task in self._inflight.items():
+            if batch is not spare:
+                task.cancel()
+
+    def _fail_undispatched(self, closed: BaseException) -> None:
+        """Fail every item not dispatched yet with ``closed``, and forget their batches."""
         for batch in self._undispatched():
             if batch.timer is not None:
                 batch.timer.cancel()
@@ -1460,9 +1497,6 @@ class Batcher(_Overflow[T, R], _Runner[T, R], _Dispatch[T, R]):
         self._waiting.clear()
         self._undue.clear()
         self._heads.clear()
-        for batch, task in self._inflight.items():
-            if batch is not spare:
-                task.cancel()
 
     def _undispatched(self) -> list[_Batch]:
         return list(self._waiting)

@@ -114,6 +114,7 @@ class _Core(Generic[T, R]):
     _refusals_logged: float
     _reclaimed: bool
     _refusals_seen: tuple[int, int]
+    _lost: int
     _pending: int
     _peak_pending: int
     _in_flight: int

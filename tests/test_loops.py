@@ -9,11 +9,14 @@ import gc
 import logging
 import math
 import threading
+import warnings
 from typing import Any
 
 import pytest
 
-from asyncbatch import Batcher, BatcherClosed, DataLoader
+from asyncbatch import Batcher, BatcherClosed, BatchReport, DataLoader
+
+from .conftest import FLAVOURS
 
 
 async def echo(items: list[int]) -> list[int]:
@@ -47,10 +50,14 @@ def test_plain_path_after_a_loop_closed_with_items_stranded_is_a_clear_error() -
         return str(info.value), before, b.stats.pending
 
     asyncio.run(first())
+    # The item left pending failed when its loop ended (counted, nothing pending)...
+    assert (holder[0].stats.failed, holder[0].stats.pending) == (1, 0)
     message, before, after = asyncio.run(second())
-    assert (before, after) == (1, 1)  # nothing joined the dead batch
-    assert "<Batcher 'echo' [loop closed] pending=1" in message
-    with pytest.warns(ResourceWarning, match="1 pending"):
+    assert (before, after) == (0, 0)  # ...and nothing joined a dead batch
+    assert "<Batcher 'echo' [loop closed] pending=0" in message
+    assert "ended with items in it" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)  # told once, at loop end
         _forget(holder)
 
 
@@ -98,10 +105,66 @@ def test_loop_shutdown_with_items_pending_is_logged(caplog: pytest.LogCaptureFix
     assert "10 pending" in lost[0].getMessage()
     assert "echo" in lost[0].getMessage()
     assert "[loop closed]" in repr(b)
+    assert (b.stats.failed, b.stats.pending, b.stats.in_flight) == (10, 0, 0)
     holder = [b]
     del b
-    with pytest.warns(ResourceWarning, match="10 pending"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)  # told once, at loop end
         _forget(holder)
+
+
+@pytest.mark.parametrize("flavour", sorted(FLAVOURS))
+def test_items_lost_at_loop_end_fail_counted_and_nothing_is_left_running(
+    flavour: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A tester's case: 25 put items, one batch in flight, one due behind it,
+    # 5 in the open batch when asyncio.run ends: every one must be counted.
+    loop_errors: list[dict[str, Any]] = []
+
+    async def slow(items: list[int]) -> None:
+        await asyncio.sleep(5)
+
+    def loop_factory() -> asyncio.AbstractEventLoop:
+        loop = FLAVOURS[flavour]()
+        loop.set_exception_handler(lambda _loop, context: loop_errors.append(context))
+        return loop
+
+    reports: list[BatchReport] = []
+    holder: list[Batcher[int, None]] = [
+        Batcher(slow, max_size=10, max_wait=1.0, name="logs", on_batch=reports.append)
+    ]
+
+    async def main() -> None:
+        b = holder[0]
+        for i in range(25):
+            b.put_nowait(i)
+        await asyncio.sleep(0.05)
+
+    with (
+        caplog.at_level(logging.WARNING, logger="asyncbatch"),
+        asyncio.Runner(loop_factory=loop_factory) as runner,
+    ):
+        runner.run(main())
+    b = holder[0]
+    stats = b.stats
+    assert (stats.submitted, stats.failed, stats.pending, stats.in_flight) == (25, 25, 0, 0)
+    lost = [r.getMessage() for r in caplog.records if "shutting down" in r.getMessage()]
+    assert len(lost) == 1
+    assert "5 pending and 10 in-flight" in lost[0]
+    assert sorted(i for r in reports for i, _ in r.failed_items) == list(range(25))
+    with pytest.raises(RuntimeError, match="is bound to"):
+        asyncio.run(b.flush())
+
+    async def again() -> None:
+        holder[0].put_nowait(99)
+
+    with pytest.raises(RuntimeError, match="ended with items in it"):
+        asyncio.run(again())
+    del b, stats
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        _forget(holder)
+    assert loop_errors == []  # no "Task was destroyed but it is pending"
 
 
 def test_outside_a_loop_the_error_names_the_batcher_and_asyncio() -> None:

@@ -305,3 +305,34 @@ async def test_parts_of_a_batch_split_by_configure_are_each_a_first_try() -> Non
     await asyncio.gather(first, *futs)
     assert [(c.size, c.attempt) for c in recorder.calls] == [(1, 1), (4, 1), (4, 1), (2, 1)]
     await batcher.aclose()
+
+
+async def test_attach_and_detach_from_another_thread_while_items_flow() -> None:
+    import threading
+
+    batcher = Batcher(echo, max_size=7, max_wait=0.001)
+    recorder = Recorder()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def toggle() -> None:
+        try:
+            while not stop.is_set():
+                attach(batcher, recorder)
+                detach(batcher, recorder)
+        except BaseException as exc:  # pragma: no cover - the failure being tested
+            errors.append(exc)
+
+    assert await batcher.submit(-1) == -1  # bound
+    thread = threading.Thread(target=toggle)
+    thread.start()
+    try:
+        for round_ in range(200):
+            futs = [batcher.submit_nowait(round_ * 10 + i) for i in range(10)]
+            assert await asyncio.gather(*futs) == [round_ * 10 + i for i in range(10)]
+    finally:
+        stop.set()
+        await asyncio.to_thread(thread.join)
+    assert errors == []
+    assert batcher.stats.succeeded == 2001
+    await batcher.aclose()
