@@ -586,6 +586,106 @@ async def test_same_name_twice_with_one_meter_provider_is_an_error(
     )
 
 
+def _item_points(reader: InMemoryMetricReader, name: str) -> dict[str, NumberDataPoint]:
+    """``asyncbatch.items`` points of ``name`` by outcome, zeros left out."""
+    got = Metrics.collect(reader)
+    out = {}
+    for point in got.points.get("asyncbatch.items", []):  # no batcher: no point at all
+        attributes = dict(point.attributes)
+        if attributes["asyncbatch.batcher"] == name and point.value:
+            out[str(attributes["asyncbatch.outcome"])] = point
+    return out
+
+
+def test_a_job_instruments_a_fresh_batcher_on_every_run(
+    meter_provider: MeterProvider, reader: InMemoryMetricReader
+) -> None:
+    """``async with Batcher(..., name="job") as b: instrument(b)`` once per run: the
+    closed batcher of the last run (alive: held here) gives its name up. Its
+    counters start afresh under the start time of the first run's points: the
+    SDK keeps it per attribute set, and the API cannot move it."""
+
+    async def sink(items: list[int]) -> list[int | Exception]:
+        return [ValueError("bad") if i == 2 else i for i in items]
+
+    runs: list[tuple[Batcher[int, int], BatcherTelemetry]] = []
+
+    async def job(n: int) -> None:
+        async with Batcher(sink, max_size=10, name="job") as b:
+            telemetry = instrument(b, meter_provider=meter_provider)
+            await asyncio.gather(*(b.submit(i) for i in range(n)), return_exceptions=True)
+        runs.append((b, telemetry))
+
+    asyncio.run(job(5))
+    first = _item_points(reader, "job")
+    assert {k: p.value for k, p in first.items()} == {"succeeded": 4, "failed": 1}
+    asyncio.run(job(3))
+    second = _item_points(reader, "job")
+    assert {k: p.value for k, p in second.items()} == {"succeeded": 2, "failed": 1}
+    assert second["succeeded"].start_time_unix_nano == first["succeeded"].start_time_unix_nano
+    assert repr(runs[0][1]) == "<BatcherTelemetry batcher='job' [removed]>"
+    assert runs[0][0]._observers == ()
+    runs[0][1].remove()  # the old handle: a no-op, the new one stays
+    asyncio.run(job(1))
+    assert {k: p.value for k, p in _item_points(reader, "job").items()} == {"succeeded": 1}
+
+
+async def test_a_batcher_keeps_its_name_until_its_close_is_over(
+    meter_provider: MeterProvider, reader: InMemoryMetricReader
+) -> None:
+    gate = asyncio.Event()
+
+    async def held(items: list[int]) -> list[int]:
+        await gate.wait()
+        return items
+
+    old = Batcher(held, name="slow")
+    instrument(old, meter_provider=meter_provider)
+    calls = [asyncio.ensure_future(old.submit(i)) for i in range(3)]
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    closing = asyncio.ensure_future(old.aclose())
+    await asyncio.sleep(0)
+    assert old.closed
+    with pytest.raises(ValueError, match="'slow' is already instrumented with this meter"):
+        instrument(Batcher(held, name="slow"), meter_provider=meter_provider)
+    gate.set()
+    assert await asyncio.gather(*calls) == [0, 1, 2]
+    await closing
+    new = Batcher(held, name="slow")
+    instrument(new, meter_provider=meter_provider)
+    assert _item_points(reader, "slow") == {}
+
+
+class _Unhookable(Batcher[int, int]):
+    """A batcher whose detaching fails (as it could from a thread racing its loop)."""
+
+    def _detach(self, observer: Any) -> None:
+        super()._detach(observer)
+        raise RuntimeError("detach failed")
+
+
+async def test_remove_frees_the_name_even_if_detaching_raises(
+    meter_provider: MeterProvider, reader: InMemoryMetricReader
+) -> None:
+    async def sink(items: list[int]) -> list[int]:
+        return items
+
+    fragile = _Unhookable(sink, name="fragile")
+    telemetry = instrument(fragile, meter_provider=meter_provider)
+    assert await fragile.submit(1) == 1
+    assert {k: p.value for k, p in _item_points(reader, "fragile").items()} == {"succeeded": 1}
+    with pytest.raises(RuntimeError, match="detach failed"):
+        telemetry.remove()
+    assert repr(telemetry) == "<BatcherTelemetry batcher='fragile' [removed]>"
+    assert _item_points(reader, "fragile") == {}
+    telemetry.remove()  # idempotent: nothing raised again
+    again = Batcher(sink, name="fragile")  # the name is free
+    instrument(again, meter_provider=meter_provider)
+    assert Metrics.collect(reader).values("asyncbatch.pending", "fragile") == 0
+    await fragile.aclose()
+
+
 def test_wrong_target_is_a_type_error(meter_provider: MeterProvider) -> None:
     with pytest.raises(TypeError, match="expected an asyncbatch Batcher"):
         instrument(42, meter_provider=meter_provider)

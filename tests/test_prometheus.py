@@ -391,6 +391,125 @@ async def test_removed_batcher_is_no_longer_observed(registry: CollectorRegistry
     assert Scrape.parse(_exposition(registry)).series("asyncbatch_items_total") == {}
 
 
+def _outcomes(registry: CollectorRegistry, name: str) -> dict[str, float]:
+    got = Scrape.parse(_exposition(registry))
+    return {
+        dict(labels)["outcome"]: value
+        for labels, value in got.series("asyncbatch_items_total", batcher=name).items()
+        if value
+    }
+
+
+def test_a_job_instruments_a_fresh_batcher_on_every_run(registry: CollectorRegistry) -> None:
+    """``async with Batcher(..., name="job") as b: instrument(b)`` once per run: the
+    closed batcher of the last run (alive: held here, as a reference cycle holds it
+    until the garbage collector runs) gives its name up; the counts start afresh."""
+
+    async def sink(items: list[int]) -> list[int | Exception]:
+        return [ValueError("bad") if i == 2 else i for i in items]
+
+    runs: list[tuple[Batcher[int, int], BatcherMetrics]] = []
+
+    async def job(n: int) -> None:
+        async with Batcher(sink, max_size=10, name="job") as b:
+            metrics = instrument(b, registry=registry)
+            await asyncio.gather(*(b.submit(i) for i in range(n)), return_exceptions=True)
+        runs.append((b, metrics))
+
+    asyncio.run(job(5))
+    assert _outcomes(registry, "job") == {"succeeded": 4, "failed": 1}
+    assert repr(runs[0][1]) == "<BatcherMetrics batcher='job' [exporting]>"
+    asyncio.run(job(3))
+    assert _outcomes(registry, "job") == {"succeeded": 2, "failed": 1}
+    got = Scrape.parse(_exposition(registry))
+    assert got.histogram("asyncbatch_batch_size", "job")[1:] == (1, 3)  # the new one's call only
+    assert repr(runs[0][1]) == "<BatcherMetrics batcher='job' [removed]>"
+    assert runs[0][0]._observers == ()  # detached from the old batcher
+    assert runs[1][0]._observers == (runs[1][1],)
+    runs[0][1].remove()  # the old handle: a no-op, the new one stays
+    asyncio.run(job(1))
+    assert _outcomes(registry, "job") == {"succeeded": 1}
+
+    async def loaders() -> None:  # a DataLoader closed for good frees its name too
+        async def load(keys: list[int]) -> list[int]:
+            return keys
+
+        for n in (2, 1):
+            async with DataLoader(load, name="loader") as loader:
+                instrument(loader, registry=registry)
+                assert await loader.load_many([*range(n), 0]) == [*range(n), 0]
+            assert (
+                Scrape.parse(_exposition(registry)).value(
+                    "asyncbatch_cache_misses_total", batcher="loader"
+                )
+                == n
+            )
+
+    asyncio.run(loaders())
+
+
+@pytest.mark.looptime
+async def test_a_batcher_keeps_its_name_until_its_close_is_over(
+    registry: CollectorRegistry,
+) -> None:
+    """Open, or closing with items in flight: the name is taken; once done, free."""
+    gate = asyncio.Event()
+
+    async def held(items: list[int]) -> list[int]:
+        await gate.wait()
+        return items
+
+    old = Batcher(held, name="slow")
+    instrument(old, registry=registry)
+    with pytest.raises(ValueError, match="'slow' is already instrumented in this registry and"):
+        instrument(Batcher(held, name="slow"), registry=registry)
+    calls = [asyncio.ensure_future(old.submit(i)) for i in range(3)]
+    await settle()
+    closing = asyncio.ensure_future(old.aclose())
+    await settle()
+    assert old.closed
+    assert old.stats.in_flight == 3
+    with pytest.raises(ValueError, match="'slow' is already instrumented"):
+        instrument(Batcher(held, name="slow"), registry=registry)
+    gate.set()
+    assert await asyncio.gather(*calls) == [0, 1, 2]
+    await closing
+    new = Batcher(held, name="slow")
+    instrument(new, registry=registry)
+    assert _outcomes(registry, "slow") == {}
+    assert old.stats.succeeded == 3  # the old one's counts are not carried over
+
+
+class _Unhookable(Batcher[int, int]):
+    """A batcher whose detaching fails (as it could from a thread racing its loop)."""
+
+    def _detach(self, observer: Any) -> None:
+        super()._detach(observer)
+        raise RuntimeError("detach failed")
+
+
+@pytest.mark.looptime
+async def test_remove_frees_the_name_even_if_detaching_raises(
+    registry: CollectorRegistry,
+) -> None:
+    async def sink(items: list[int]) -> list[int]:
+        return items
+
+    fragile = _Unhookable(sink, name="fragile")
+    metrics = instrument(fragile, registry=registry)
+    assert await fragile.submit(1) == 1
+    assert _outcomes(registry, "fragile") == {"succeeded": 1}
+    with pytest.raises(RuntimeError, match="detach failed"):
+        metrics.remove()
+    assert repr(metrics) == "<BatcherMetrics batcher='fragile' [removed]>"
+    assert Scrape.parse(_exposition(registry)).series("asyncbatch_items_total") == {}
+    metrics.remove()  # idempotent: nothing raised again
+    again = Batcher(sink, name="fragile")  # the name is free
+    instrument(again, registry=registry)
+    assert _outcomes(registry, "fragile") == {}
+    await fragile.aclose()
+
+
 def test_metric_names_clashing_with_another_collector(registry: CollectorRegistry) -> None:
     Counter("asyncbatch_items", "someone else's", registry=registry)
 

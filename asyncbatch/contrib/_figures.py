@@ -26,6 +26,8 @@ __all__ = [
     "Source",
     "buckets",
     "clash_hint",
+    "finished",
+    "gives_up_its_name",
     "is_loader",
     "label",
     "outcome_counts",
@@ -92,6 +94,35 @@ def is_loader(target: Any) -> bool:
     from .._loader import DataLoader
 
     return isinstance(target, DataLoader)
+
+
+def finished(target: Any) -> bool:
+    """Whether ``target`` is a Batcher or a DataLoader closed for good.
+
+    That is: ``closed``, with nothing pending or in flight (its ``aclose()``
+    is over). Its figures can no longer change, so the name it is exported
+    under is free: a new target instrumented under that name takes it over.
+    An ``@batch`` wrapper is never finished (it makes a fresh batcher on the
+    next call).
+    """
+    from .._batcher import Batcher
+    from .._loader import DataLoader
+
+    if not isinstance(target, Batcher | DataLoader) or not target.closed:
+        return False
+    stats = target.stats
+    return not (stats.pending or stats.in_flight)
+
+
+def gives_up_its_name(holder: Any) -> bool:
+    """Whether the name ``holder`` (a ``BatcherMetrics`` or ``BatcherTelemetry``) is
+    exported under is free: its target garbage collected, or :func:`finished`.
+
+    A function of its own so that no frame raising a clash error (whose
+    traceback the caller may keep) holds the target in a local.
+    """
+    target = holder.target
+    return target is None or finished(target)
 
 
 def label(target: Any, name: str | None) -> str:

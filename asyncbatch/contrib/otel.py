@@ -53,6 +53,20 @@ instance's batchers (the instance is held weakly); its default name is the
 method's, so a second instance, or the class attribute, with the same meter
 provider is a ``ValueError`` until one gets its own ``name=``.
 
+The target is held weakly: once it is garbage collected its points go and
+its name is free. So is the name of a ``Batcher`` or ``DataLoader`` closed for
+good (``closed``, nothing pending or in flight: its ``aclose()`` is over), even
+while something still holds it: a job that runs ``async with Batcher(...,
+name="job") as b: instrument(b)`` on every run instruments every run's
+batcher, the new one taking the name over. Its counters start again from the
+new batcher's zero, and OpenTelemetry cannot say so: the SDK keeps the start
+time of the first point of an attribute set for as long as the meter lives,
+and the API has no way to move it, so a cumulative reader sees the counter
+go down under the same start time (Prometheus, through an exporter, takes it
+for a counter reset; a delta exporter sends one negative delta). Where that
+matters, instrument an ``@batch`` function instead: its counters never go
+back.
+
 Traces: one span per sink call (each retry and isolation half is a call),
 named ``asyncbatch.sink <batcher name>``, with attributes
 ``asyncbatch.batcher``, ``messaging.batch.message_count`` (items in the call)
@@ -76,6 +90,7 @@ runs per item.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -101,6 +116,7 @@ from ._figures import (
     WAIT_BUCKETS,
     Source,
     clash_hint,
+    gives_up_its_name,
     label,
     outcome_counts,
     reason_counts,
@@ -161,9 +177,11 @@ def instrument(
 
     Raises:
         ValueError: a target of the same name is already instrumented with
-            this meter provider (the message says how to tell them apart:
-            ``name=`` here or on the batcher; for a bound method, the class
-            attribute); an empty ``name``.
+            this meter provider, neither garbage collected nor a Batcher or
+            DataLoader closed for good (whose name is taken over): the
+            message says how to tell them apart (``name=`` here or on the
+            batcher; for a bound method, the class attribute); an empty
+            ``name``.
         TypeError: ``target`` is not a batcher, ``@batch`` function or
             method, or DataLoader; ``name`` is not a string.
     """
@@ -181,12 +199,14 @@ def instrument(
     telemetry = BatcherTelemetry(
         target, instruments, tracer_provider if tracing else None, label(target, name)
     )
-    instruments.add(telemetry, clash_hint(target))
+    replaced = instruments.add(telemetry, clash_hint(target))
     try:
         attach(target, telemetry)
     except BaseException:
         telemetry.remove()
         raise
+    if replaced is not None:
+        replaced._replaced()
     return telemetry
 
 
@@ -312,15 +332,28 @@ class BatcherTelemetry:
         """Stop: detach from the target; its figures are no longer observed. Idempotent.
 
         (OpenTelemetry instruments cannot be deleted: they stay, without this
-        batcher's points.)
+        batcher's points.) Its points go and the name is free even if
+        detaching raises (the error is raised after).
         """
         if self._removed:
             return
         self._removed = True
+        try:
+            target = self.target
+            if target is not None:
+                detach(target, self)
+        finally:
+            self._instruments.discard(self)
+
+    def _replaced(self) -> None:
+        """Its name was taken over (its target gone or closed for good): points already gone."""
+        self._removed = True
         target = self.target
         if target is not None:
-            detach(target, self)
-        self._instruments.discard(self)
+            # Closed for good: it makes no more sink calls, so an observer left
+            # on it is inert; failing to detach must not fail the new instrument().
+            with contextlib.suppress(Exception):
+                detach(target, self)
 
     # Observer hooks (run on the batcher's loop).
 
@@ -500,20 +533,28 @@ class _Instruments:
         resolved = self._resolved()
         return [self, *(i for i in self._live() if i is not self and i._resolved() is resolved)]
 
-    def add(self, telemetry: BatcherTelemetry, hint: str = "") -> None:
+    def add(self, telemetry: BatcherTelemetry, hint: str = "") -> BatcherTelemetry | None:
+        """Observe ``telemetry`` under its name; returns the member it took the name from.
+
+        The name is free when its holder's target is gone (garbage collected)
+        or closed for good (:func:`finished`); the holder's points go.
+        """
+        replaced = None
         with self._lock:
             for group in self._group():
                 existing = group._members.get(telemetry.name)
-                if existing is not None and existing.target is None:
-                    del group._members[telemetry.name]  # its target is gone: the name is free
+                if existing is not None and gives_up_its_name(existing):
+                    del group._members[telemetry.name]
+                    replaced = existing
             if any(telemetry.name in i._members for i in self._group()):
                 raise ValueError(
                     f"a batcher named {telemetry.name!r} is already instrumented with this "
-                    "meter provider; its points would be indistinguishable: give each "
-                    "batcher its own name= (or instrument(..., name=...), or remove() the "
-                    f"first one){hint}"
+                    "meter provider and not closed; its points would be indistinguishable: "
+                    "give each batcher its own name= (or instrument(..., name=...), or "
+                    f"remove() the first one){hint}"
                 )
             self._members[telemetry.name] = telemetry
+        return replaced
 
     def discard(self, telemetry: BatcherTelemetry) -> None:
         with self._lock:

@@ -58,7 +58,14 @@ class attribute) in the same registry is a ``ValueError`` until one of them
 gets its own ``name=``. The instance is held weakly.
 
 The target is held weakly: once it is garbage collected its series go and its
-name is free.
+name is free. So is the name of a ``Batcher`` or ``DataLoader`` closed for good
+(``closed``, nothing pending or in flight: its ``aclose()`` is over), even
+while something still holds it (a reference cycle awaiting the garbage
+collector, say): a job that runs ``async with Batcher(..., name="job") as b:
+instrument(b)`` on every run instruments every run's batcher. The new one
+takes the name over, the old one's series go, and the counters start again
+from the new batcher's zero: a counter reset, which ``rate()`` and
+``increase()`` handle.
 
 Scraped from another thread (``start_http_server``), the figures of
 one batcher are read without stopping its loop, so two of them may be a few
@@ -67,6 +74,7 @@ items apart; each one is exact.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from bisect import bisect_left
@@ -98,6 +106,7 @@ from ._figures import (
     Source,
     buckets,
     clash_hint,
+    gives_up_its_name,
     label,
     outcome_counts,
     reason_counts,
@@ -142,7 +151,9 @@ def instrument(
 
     Raises:
         ValueError: a target of the same label is already instrumented in
-            ``registry`` (the message says how to tell them apart: ``name=``
+            ``registry``, neither garbage collected nor a Batcher or
+            DataLoader closed for good (whose label is taken over): the
+            message says how to tell them apart (``name=``
             here or on the batcher; for a bound method, the class attribute);
             an empty ``name``; bad bucket bounds; or another collector in
             ``registry`` already exports one of these metric names.
@@ -162,12 +173,14 @@ def instrument(
         buckets("wait_buckets", wait_buckets),
         label(target, name),
     )
-    _Collector.of(registry).add(metrics, clash_hint(target))
+    replaced = _Collector.of(registry).add(metrics, clash_hint(target))
     try:
         attach(target, metrics)
     except BaseException:
         metrics.remove()
         raise
+    if replaced is not None:
+        replaced._replaced()
     return metrics
 
 
@@ -256,16 +269,32 @@ class BatcherMetrics:
         return f"<BatcherMetrics batcher={self.name!r} [{state}]>"
 
     def remove(self) -> None:
-        """Stop: detach from the target and drop its series from the registry. Idempotent."""
+        """Stop: detach from the target and drop its series from the registry. Idempotent.
+
+        The series go and the name is free even if detaching raises (the
+        error is raised after).
+        """
         if self._removed:
             return
         self._removed = True
+        try:
+            target = self.target
+            if target is not None:
+                detach(target, self)
+        finally:
+            registry = self.registry
+            if registry is not None:
+                _Collector.of(registry).discard(self)
+
+    def _replaced(self) -> None:
+        """Its name was taken over (its target gone or closed for good): series already gone."""
+        self._removed = True
         target = self.target
         if target is not None:
-            detach(target, self)
-        registry = self.registry
-        if registry is not None:
-            _Collector.of(registry).discard(self)
+            # Closed for good: it makes no more sink calls, so an observer left
+            # on it is inert; failing to detach must not fail the new instrument().
+            with contextlib.suppress(Exception):
+                detach(target, self)
 
     # Observer hooks (run on the batcher's loop).
 
@@ -312,18 +341,24 @@ class _Collector(Collector):
                 collector = cls._by_registry[registry] = cls(registry)
             return collector
 
-    def add(self, metrics: BatcherMetrics, hint: str = "") -> None:
+    def add(self, metrics: BatcherMetrics, hint: str = "") -> BatcherMetrics | None:
+        """Export ``metrics`` under its name; returns the member it took the name from.
+
+        The name is free when its holder's target is gone (garbage collected)
+        or closed for good (:func:`finished`); the holder's series go.
+        """
+        replaced = None
         with self._lock:
             existing = self._members.get(metrics.name)
-            if existing is not None and existing.target is None:
-                del self._members[metrics.name]  # its target is gone: the name is free
-                existing = None
+            if existing is not None and gives_up_its_name(existing):
+                del self._members[metrics.name]
+                replaced, existing = existing, None
             if existing is not None:
                 raise ValueError(
                     f"a batcher named {metrics.name!r} is already instrumented in this "
-                    "registry; its series would be indistinguishable: give each batcher "
-                    "its own name= (or instrument(..., name=...), or remove() the first "
-                    f"one){hint}"
+                    "registry and not closed; its series would be indistinguishable: give "
+                    "each batcher its own name= (or instrument(..., name=...), or remove() "
+                    f"the first one){hint}"
                 )
             registry = self._registry()
             if not self._registered and registry is not None:
@@ -331,6 +366,7 @@ class _Collector(Collector):
                 registry.register(self)
                 self._registered = True
             self._members[metrics.name] = metrics
+        return replaced
 
     def discard(self, metrics: BatcherMetrics) -> None:
         with self._lock:
