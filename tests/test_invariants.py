@@ -503,9 +503,11 @@ def test_loop_reuse_after_a_run_ends(
         pytest.skip(f"{flavour} not installed")
     b: Batcher[int, int] = Batcher(_echo, **options)
     stranded = closed = False
+    accepted = 0
 
     async def one_run(awaited: int, left: int, put: bool, close: bool) -> None:
-        nonlocal stranded, closed
+        nonlocal stranded, closed, accepted
+        closing = False
         try:
             async with asyncio.timeout(5):  # a hang fails here
                 results = [await b.submit(i) for i in range(awaited)]
@@ -515,10 +517,12 @@ def test_loop_reuse_after_a_run_ends(
                         b.put_nowait(100 + i)
                     else:
                         b.submit_nowait(100 + i)
+                accepted = awaited + left
                 if close and (awaited or left or b._loop is None):
                     # (aclose() as the first use in a later loop: see
                     # test_aclose_first_in_a_new_loop_rebinds)
                     await b.aclose()
+                    closing = True
         except BatcherClosed:
             assert closed
             return
@@ -529,14 +533,22 @@ def test_loop_reuse_after_a_run_ends(
             pytest.fail(f"hang in a later run of {b!r}")
         assert not closed or (awaited == left == 0)
         assert not stranded or (awaited == left == 0)
-        if close and (awaited or left):
-            closed = True
+        closed = closed or closing
 
     for awaited, left, put, close in runs:
+        accepted = 0
+        before = b.stats
         _run_on(flavour, one_run(awaited, left, put, close))
         s = b.stats
-        # Items still held when the loop ended are stranded with it.
-        stranded = stranded or (not closed and s.pending + s.in_flight > 0)
+        # Every item accepted ended: answered or failed during the loop's
+        # shutdown (its sink call cancelled), or failed when the loop ended
+        # holding it; nothing is left pending. The latter strand the batcher:
+        # it refuses another loop.
+        assert s.pending + s.in_flight == 0, s
+        failed = s.failed - before.failed
+        assert s.succeeded - before.succeeded + failed == accepted, s
+        assert 0 <= b._lost <= failed + before.failed, s
+        stranded = stranded or b._lost > 0
 
 
 def _check_stranded_error(b: Batcher[Any, Any], stranded: bool, message: str) -> None:
