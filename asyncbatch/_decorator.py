@@ -108,6 +108,10 @@ _ASSIGNED = ("__module__", "__name__", "__qualname__", "__doc__")
 _Loop = asyncio.AbstractEventLoop
 
 
+async def _never_called(items: list[Any]) -> None:
+    """The sink of a batcher made only to read what its options come to."""
+
+
 class _Retired:
     """The batchers a wrapper let go, for its metrics (guarded by the owner's lock).
 
@@ -115,33 +119,40 @@ class _Retired:
     holds those whose loop still runs with items pending or in flight (one
     replaced while its ``aclose()`` drains; an instance's, collected with
     ``put`` items left): their counts still move, so they are read like kept
-    batchers until :meth:`settle` finds them done and folds them in.
+    batchers until :meth:`settle` finds them done and folds them in. Each
+    entry names the sink (``_Batchers``) that let it go: a method's instances
+    share the family's ``_Retired``, and each keeps its own totals too (for
+    its bound method's figures).
     """
 
     __slots__ = ("draining", "totals")
 
     def __init__(self) -> None:
         self.totals = Totals()
-        self.draining: list[tuple[_Loop, Batcher[Any, Any]]] = []
+        self.draining: list[tuple[_Loop, Batcher[Any, Any], _Batchers[Any, Any]]] = []
 
-    def add(self, loop: _Loop, batcher: Batcher[Any, Any]) -> None:
-        self.draining.append((loop, batcher))
+    def add(self, loop: _Loop, batcher: Batcher[Any, Any], owner: _Batchers[Any, Any]) -> None:
+        self.draining.append((loop, batcher, owner))
 
     def settle(self) -> None:
         """Fold in the draining batchers that are done: loop closed, or nothing left."""
         if not self.draining:
             return
         keep = []
-        for loop, batcher in self.draining:
+        for entry in self.draining:
+            loop, batcher, owner = entry
             stats = batcher.stats
             if loop.is_closed() or not (stats.pending or stats.in_flight):
                 self.totals.add(stats)
+                if owner._totals is not self.totals:
+                    owner._totals.add(stats)
             else:
-                keep.append((loop, batcher))
+                keep.append(entry)
         self.draining = keep
 
-    def batchers(self) -> list[Batcher[Any, Any]]:
-        return [batcher for _, batcher in self.draining]
+    def batchers(self, owner: _Batchers[Any, Any] | None = None) -> list[Batcher[Any, Any]]:
+        """The draining batchers (of ``owner`` only, if given)."""
+        return [b for _, b, o in self.draining if owner is None or o is owner]
 
 
 class _Family:
@@ -149,26 +160,44 @@ class _Family:
 
     ``lock`` guards every instance's tables and this; ``observers`` are the
     ones attached to the method on the class (every instance, those to come
-    included); ``retired`` the figures of instances that are gone. ``dead``
-    is where an instance's weak-reference callback leaves its batchers: that
-    callback runs while the instance is deallocated, in any thread, maybe in
-    a garbage collection pass started while this thread holds ``lock``, so it
-    takes no lock; the next :meth:`collect` (under ``lock``) folds them in.
+    included). ``retired`` is every instance's: the batchers any of them let
+    go, and those of the instances that are gone. ``by_loop`` lists the
+    batchers the live instances have (open, or closed until replaced), by
+    loop and instance: a read of the figures copies it under ``lock`` without
+    visiting the instances, and checks each loop once for being closed.
+
+    ``dead`` is where an instance's weak-reference callback leaves its
+    batchers: that callback runs while the instance is deallocated, in any
+    thread, maybe in a garbage collection pass started while this thread
+    holds ``lock``, so it takes no lock; the next :meth:`collect` (under
+    ``lock``) folds them in.
     """
 
-    __slots__ = ("dead", "lock", "observers", "retired")
+    __slots__ = ("by_loop", "dead", "limit", "lock", "observers", "retired")
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self.observers: list[Observer] = []
         self.retired = _Retired()
         self.dead: deque[_Batchers[Any, Any]] = deque()
+        self.by_loop: dict[_Loop, dict[_Batchers[Any, Any], Batcher[Any, Any]]] = {}
+        self.limit: int | None = None  # a new batcher's concurrency limit, once asked
 
     def collect(self) -> None:
-        """Fold the batchers of gone instances in (call with ``lock`` held)."""
+        """Fold in the gone instances' batchers, forget closed loops', settle (``lock`` held)."""
         while self.dead:
-            self.dead.popleft().fold_into(self.retired)
+            self.dead.popleft().fold()
+        for loop in [loop for loop in self.by_loop if loop.is_closed()]:
+            for batchers in list(self.by_loop.get(loop, ())):
+                batchers._forget_closed_loops()
         self.retired.settle()
+
+    def kept(self) -> list[Batcher[Any, Any]]:
+        """Every batcher the live instances have (``lock`` held)."""
+        kept: list[Batcher[Any, Any]] = []
+        for listed in self.by_loop.values():
+            kept.extend(listed.values())
+        return kept
 
 
 class _Batchers(Generic[_T, _R]):
@@ -182,11 +211,13 @@ class _Batchers(Generic[_T, _R]):
     ``_live`` is always open.
 
     A batcher let go (replaced after ``aclose()``, or its loop closed) goes
-    to ``_retired``, which keeps its counts. Every change to the tables is
-    made under ``_lock`` (rare paths only: a batcher's start, ``aclose()``,
-    attaching, a read of the figures), so :meth:`figures` sees each batcher
-    in exactly one place. For a method, ``_family`` is the method's: its lock
-    and observers are shared by all its instances.
+    to ``_retired``, which keeps its counts (in ``_totals`` once it is done).
+    Every change to the tables is made under ``_lock`` (rare paths only: a
+    batcher's start, ``aclose()``, attaching, a read of the figures), so
+    :meth:`figures` sees each batcher in exactly one place. For a method,
+    ``_family`` is the method's: its lock, observers and ``_retired`` are
+    shared by all its instances, and its ``by_loop`` lists this instance's
+    batchers too.
     """
 
     __slots__ = (
@@ -194,12 +225,14 @@ class _Batchers(Generic[_T, _R]):
         "_family",
         "_folded",
         "_latest",
+        "_limit",
         "_live",
         "_lock",
         "_make",
         "_observers",
         "_retired",
         "_settings",
+        "_totals",
         "name",
     )
 
@@ -213,17 +246,33 @@ class _Batchers(Generic[_T, _R]):
         self._latest: Batcher[_T, _R] | None = None
         self._observers: list[Observer] = []
         self._settings: dict[str, Any] = {}  # configure()d since the decoration
+        self._limit: int | None = None  # a new batcher's concurrency limit, once asked
         self._family = family
-        self._lock = threading.RLock() if family is None else family.lock
-        self._retired = _Retired()
-        self._folded = False  # its instance is gone and its figures moved to the family
+        if family is None:
+            self._lock: threading.RLock = threading.RLock()
+            self._retired = _Retired()
+            self._totals = self._retired.totals
+        else:
+            self._lock = family.lock
+            self._retired = family.retired
+            self._totals = Totals()  # this instance's own, for its bound method's figures
+        self._folded = False  # its instance is gone and its batchers moved to the family
 
     def configure(self, changes: dict[str, Any]) -> None:
         """Apply ``changes`` to every open batcher and to those made from now on."""
-        self._make(**{**self._settings, **changes})  # checked as the constructor checks them
-        self._settings.update(changes)
+        settings = {**self._settings, **changes}
+        probe = self._make(**settings)  # checked as the constructor checks them
+        self._settings = settings
+        self._limit = probe.stats.concurrency_limit
         for batcher in list(self._live.values()):
             batcher.configure(**changes)
+
+    def limit(self) -> int:
+        """The concurrency limit a new batcher gets: ``max_concurrency`` as decorated
+        or configured (``0``: none)."""
+        if self._limit is None:
+            self._limit = self._make(**self._settings).stats.concurrency_limit
+        return self._limit
 
     def attach(self, observer: Observer) -> None:
         """Watch every batcher of this sink, those to come included."""
@@ -244,7 +293,11 @@ class _Batchers(Generic[_T, _R]):
 
     def detach_all(self, observer: Observer) -> None:
         """Detach ``observer`` from every batcher still here (``_lock`` held)."""
-        for batcher in [*self._live.values(), *self._closed.values(), *self._retired.batchers()]:
+        for batcher in [
+            *self._live.values(),
+            *self._closed.values(),
+            *self._retired.batchers(self),
+        ]:
             batcher._detach(observer)
 
     def current(self) -> Batcher[_T, _R]:
@@ -263,13 +316,15 @@ class _Batchers(Generic[_T, _R]):
             self._forget_closed_loops()
             replaced = self._closed.pop(loop, None)
             if replaced is not None:  # closed by aclose(), maybe still draining
-                self._retired.add(loop, replaced)
+                self._retired.add(loop, replaced, self)
             self._retired.settle()
             batcher = self._make(**self._settings)
-            family = self._family.observers if self._family is not None else ()
-            for observer in (*family, *self._observers):
+            family = self._family
+            for observer in (*(family.observers if family is not None else ()), *self._observers):
                 batcher._attach(observer)
             self._live[loop] = batcher
+            if family is not None:
+                family.by_loop.setdefault(loop, {})[self] = batcher
             self._latest = batcher
         return batcher
 
@@ -277,28 +332,43 @@ class _Batchers(Generic[_T, _R]):
         """Let the batchers of closed loops go: no loop can run them again (``_lock`` held)."""
         for table in (self._live, self._closed):
             for loop in [loop for loop in table if loop.is_closed()]:
-                self._retired.add(loop, table.pop(loop))
+                self._retired.add(loop, table.pop(loop), self)
+                self._unlist(loop)
+
+    def _unlist(self, loop: _Loop) -> None:
+        """Take this sink's batcher of ``loop`` off the family's list (``_lock`` held)."""
+        family = self._family
+        if family is None:
+            return
+        listed = family.by_loop.get(loop)
+        if listed is not None:
+            listed.pop(self, None)
+            if not listed:
+                del family.by_loop[loop]
 
     def figures(self) -> Figures:
         """The counts of the batchers let go, and the batchers to read now."""
         with self._lock:
             self._forget_closed_loops()
             self._retired.settle()
-            return Figures(self._retired.totals.copy(), self.kept(), self._retired.batchers())
+            return Figures(
+                self._totals.copy(), self.kept(), self._retired.batchers(self), self.limit()
+            )
 
     def kept(self) -> list[Batcher[_T, _R]]:
         """The batchers here now, open or closed (``_lock`` held)."""
         return [*self._live.values(), *self._closed.values()]
 
-    def fold_into(self, retired: _Retired) -> None:
-        """Its instance is gone: move every figure to ``retired`` (the family's lock held)."""
+    def fold(self) -> None:
+        """Its instance is gone: let every batcher go to the family (the family's lock held)."""
         if self._folded:  # two weak references' callbacks for one instance
             return
         self._folded = True
-        retired.totals.absorb(self._retired.totals)
-        retired.draining.extend(self._retired.draining)
         for table in (self._live, self._closed):
-            retired.draining.extend(table.items())
+            for loop, batcher in table.items():
+                self._retired.add(loop, batcher, self)
+                self._unlist(loop)
+            table.clear()
 
     @property
     def stats(self) -> BatcherStats:
@@ -608,8 +678,8 @@ class BatchedMethod(Generic[_S, _T, _R]):
 
         def forget(_: object) -> None:
             # No lock here (see ``_Family``). Left for the family first, then
-            # removed: a read that lists the instances in between finds it in
-            # both places, and counts it once (``fold_into`` marks it).
+            # removed: the next ``collect`` folds it in, once (``fold`` marks
+            # it, should two callbacks leave it).
             batchers = instances.get(key)
             if batchers is not None:
                 dead.append(batchers)
@@ -672,23 +742,21 @@ class BatchedMethod(Generic[_S, _T, _R]):
 
     def _figures(self) -> Figures:
         # Every instance's figures, and those of the instances gone: see
-        # ``asyncbatch._observe.figures_of``. The order matters (see ``forget``
-        # in ``_track``): list the instances, then fold the gone ones in.
+        # ``asyncbatch._observe.figures_of``. A snapshot of the batchers, taken
+        # under the lock without visiting the instances (the loop needs that
+        # lock for a first call on a new instance); their stats are read
+        # after, outside it (``Figures.total``).
         family = self._family
         with family.lock:
-            states = list(self._instances.values())
             family.collect()
-            totals = family.retired.totals.copy()
-            kept: list[Batcher[Any, Any]] = []
-            draining = family.retired.batchers()
-            for state in states:
-                if state._folded:
-                    continue
-                figures = state.figures()
-                totals.absorb(figures.retired)
-                kept.extend(figures.kept)
-                draining.extend(figures.draining)
-        return Figures(totals, kept, draining)
+            if family.limit is None:  # a new instance's first batcher: the decorated options
+                family.limit = Batcher(_never_called, **self._options).stats.concurrency_limit
+            return Figures(
+                family.retired.totals.copy(),
+                family.kept(),
+                family.retired.batchers(),
+                family.limit,
+            )
 
     def __repr__(self) -> str:
         return f"<batched method {self.__qualname__}>"

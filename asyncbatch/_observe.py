@@ -202,18 +202,27 @@ class Figures:
             pending or in flight (replaced while their ``aclose()`` drains;
             an instance's, collected with ``put`` items left): read like kept
             ones until they are done, then folded into ``retired``.
+        default_limit: the concurrency limit a new batcher of the wrapper
+            gets (``max_concurrency`` as decorated, or ``configure()``d;
+            ``0``: none): the limit reported while it has no batcher.
     """
 
     retired: Totals
     kept: Sequence[Any]
     draining: Sequence[Any]
+    default_limit: int
 
     def total(self) -> BatcherStats:
         """The sum: cumulative counts of all, ``pending`` and ``in_flight`` of the
-        kept and draining ones, ``concurrency_limit`` of the kept ones (the
-        default of a fresh batcher when there are none)."""
+        kept and draining ones, ``concurrency_limit`` of the kept ones.
+
+        The limits add up, except that one kept batcher without a limit
+        (``0``) makes the sum ``0``: no limit. With no kept batcher it is
+        :attr:`default_limit`.
+        """
         totals = self.retired.copy()
         pending = in_flight = limit = 0
+        unlimited = False
         for batcher in self.draining:
             stats = batcher.stats
             totals.add(stats)
@@ -225,11 +234,12 @@ class Figures:
             pending += stats.pending
             in_flight += stats.in_flight
             limit += stats.concurrency_limit
-        return totals.stats(
-            pending=pending,
-            in_flight=in_flight,
-            concurrency_limit=limit if self.kept else BatcherStats().concurrency_limit,
-        )
+            unlimited = unlimited or not stats.concurrency_limit
+        if not self.kept:
+            limit = self.default_limit
+        elif unlimited:
+            limit = 0
+        return totals.stats(pending=pending, in_flight=in_flight, concurrency_limit=limit)
 
 
 def figures_of(target: Any) -> Figures | None:

@@ -854,6 +854,10 @@ def test_a_method_keeps_the_counts_of_the_instances_that_are_gone() -> None:
     del kept, state
     gc.collect()
     assert _succeeded(method) == before + 213
+    # Nothing is left listed: no loop runs, no instance is alive.
+    assert figures_of(method) is not None
+    assert method._family.by_loop == {}
+    assert method._family.retired.draining == []
 
 
 def test_counts_never_go_back_while_loops_and_instances_come_and_go() -> None:
@@ -894,3 +898,83 @@ def test_counts_never_go_back_while_loops_and_instances_come_and_go() -> None:
         assert reads
         assert all(a <= b for a, b in itertools.pairwise(reads)), reads
     assert _succeeded(double) == _succeeded(Repo.get) == 2 * runs * 3
+
+
+def test_a_read_of_a_method_snapshots_its_batchers_and_reads_them_unlocked() -> None:
+    """``instrument(Cls.m)``: a read lists every live instance's batchers under the
+    family lock, then reads their stats without it, so the loop's first call on a
+    new instance (which takes that lock) never waits for a scrape's reading."""
+
+    class Repo:
+        @batch(max_size=2)
+        async def get(self, ids: list[int]) -> list[int]:
+            return ids
+
+    async def work() -> list[Repo]:
+        repos = [Repo() for _ in range(50)]
+        await asyncio.gather(*(r.get(i) for r in repos for i in range(3)))
+        figures = figures_of(Repo.get)
+        assert figures is not None
+        assert len(figures.kept) == 50  # one batcher per instance, on this loop
+        assert figures.draining == []
+        assert figures.retired.counts["succeeded"] == 0
+        family = Repo.__dict__["get"]._family
+        totals: list[BatcherStats] = []
+        with family.lock:  # held, as by the loop starting a new instance's batcher
+            reader = threading.Thread(target=lambda: totals.append(figures.total()))
+            reader.start()
+            reader.join(10)
+        (total,) = totals
+        assert (total.succeeded, total.batches, total.pending) == (150, 100, 0)
+        assert total.reasons == {"size": 50, "wait": 50}
+        return repos
+
+    repos = asyncio.run(work())
+    figures = figures_of(Repo.get)  # the loop is closed: its batchers are let go
+    assert figures is not None
+    assert figures.kept == []
+    assert figures.retired.counts["succeeded"] == 150
+    assert Repo.__dict__["get"]._family.by_loop == {}
+    assert _succeeded(repos[0].get) == 3  # one instance's own, kept apart
+    del repos
+    gc.collect()
+    assert _succeeded(Repo.get) == 150
+
+
+def _limit(target: Any) -> int:
+    figures = figures_of(target)
+    assert figures is not None
+    return figures.total().concurrency_limit
+
+
+def test_the_concurrency_limit_without_a_batcher_is_the_decorated_one() -> None:
+    """No batcher (before the first call, after the loop closed): the limit a new
+    batcher would get, as decorated or configured; 0 for none. Summed over the
+    batchers there are, and 0 (no limit) if one of them has none."""
+    limited = batch(max_concurrency=8)(_double)
+    unlimited = batch(max_concurrency=None)(_double)
+
+    class Repo:
+        @batch(max_concurrency=4)
+        async def get(self, ids: list[int]) -> list[int]:
+            return ids
+
+    assert (_limit(limited), _limit(unlimited), _limit(Repo.get)) == (8, 0, 4)
+
+    async def work() -> tuple[Repo, Repo]:
+        a, b = Repo(), Repo()
+        await asyncio.gather(limited(1), unlimited(1), a.get(1), b.get(1))
+        assert (_limit(limited), _limit(unlimited), _limit(Repo.get)) == (8, 0, 8)
+        b.get.configure(max_concurrency=None)
+        assert (_limit(Repo.get), _limit(a.get), _limit(b.get)) == (0, 4, 0)
+        b.get.configure(max_concurrency=2)
+        assert _limit(Repo.get) == 6
+        b.get.configure(max_concurrency=None)
+        return a, b
+
+    a, b = asyncio.run(work())
+    assert (_limit(limited), _limit(unlimited), _limit(Repo.get)) == (8, 0, 4)
+    assert (_limit(a.get), _limit(b.get)) == (4, 0)  # each instance's own settings
+    limited.configure(max_concurrency=3)
+    unlimited.configure(max_concurrency=5)
+    assert (_limit(limited), _limit(unlimited)) == (3, 5)

@@ -998,3 +998,48 @@ def test_a_bad_name_is_refused(meter_provider: MeterProvider, name: Any, error: 
 
     with pytest.raises(error, match="name must"):
         instrument(Batcher(sink), meter_provider=meter_provider, name=name)
+
+
+def test_the_concurrency_limit_of_batch_wrappers_without_a_batcher(
+    meter_provider: MeterProvider, reader: InMemoryMetricReader
+) -> None:
+    """Before the first call and once the loop is closed: the limit a new batcher
+    gets (decorated or configured; 0 for none). Over an instance with a limit and
+    one without: 0, no limit."""
+
+    @batch(max_concurrency=8, name="eight")
+    async def eight(items: list[int]) -> list[int]:
+        return items
+
+    @batch(max_concurrency=None, name="free")
+    async def free(items: list[int]) -> list[int]:
+        return items
+
+    class Repo:
+        @batch(max_concurrency=4, name="repo")
+        async def get(self, ids: list[int]) -> list[int]:
+            return ids
+
+    for target in (eight, free, Repo.get):
+        instrument(target, meter_provider=meter_provider)
+
+    def limits() -> tuple[int, ...]:
+        got = Metrics.collect(reader)
+        return tuple(
+            got.values("asyncbatch.concurrency.limit", name) for name in ("eight", "free", "repo")
+        )
+
+    assert limits() == (8, 0, 4)
+
+    async def work() -> None:
+        a, b = Repo(), Repo()
+        await asyncio.gather(eight(1), free(1), a.get(1), b.get(1))
+        assert limits() == (8, 0, 8)
+        b.get.configure(max_concurrency=None)
+        assert limits() == (8, 0, 0)
+
+    asyncio.run(work())
+    assert limits() == (8, 0, 4)
+    eight.configure(max_concurrency=3)
+    free.configure(max_concurrency=2)
+    assert limits() == (3, 2, 4)

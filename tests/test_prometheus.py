@@ -958,3 +958,49 @@ def test_a_bad_name_is_refused(registry: CollectorRegistry, name: Any, error: ty
     with pytest.raises(error, match="name must"):
         instrument(Batcher(sink), registry=registry, name=name)
     assert _exposition(registry) == ""
+
+
+def test_the_concurrency_limit_of_batch_wrappers_without_a_batcher(
+    registry: CollectorRegistry,
+) -> None:
+    """Before the first call and once the loop is closed: the limit a new batcher
+    gets (decorated or configured; 0 for none). Over an instance with a limit and
+    one without: 0, no limit."""
+
+    @batch(max_concurrency=8, name="eight")
+    async def eight(items: list[int]) -> list[int]:
+        return items
+
+    @batch(max_concurrency=None, name="free")
+    async def free(items: list[int]) -> list[int]:
+        return items
+
+    class Repo:
+        @batch(max_concurrency=4, name="repo")
+        async def get(self, ids: list[int]) -> list[int]:
+            return ids
+
+    for target in (eight, free, Repo.get):
+        instrument(target, registry=registry)
+
+    def limits() -> tuple[float, ...]:
+        got = Scrape.parse(_exposition(registry))
+        return tuple(
+            got.value("asyncbatch_concurrency_limit", batcher=name)
+            for name in ("eight", "free", "repo")
+        )
+
+    assert limits() == (8, 0, 4)
+
+    async def work() -> None:
+        a, b = Repo(), Repo()
+        await asyncio.gather(eight(1), free(1), a.get(1), b.get(1))
+        assert limits() == (8, 0, 8)
+        b.get.configure(max_concurrency=None)
+        assert limits() == (8, 0, 0)
+
+    asyncio.run(work())
+    assert limits() == (8, 0, 4)
+    eight.configure(max_concurrency=3)
+    free.configure(max_concurrency=2)
+    assert limits() == (3, 2, 4)
