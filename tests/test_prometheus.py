@@ -1004,3 +1004,34 @@ def test_the_concurrency_limit_of_batch_wrappers_without_a_batcher(
     eight.configure(max_concurrency=3)
     free.configure(max_concurrency=2)
     assert limits() == (3, 2, 4)
+
+
+@pytest.mark.looptime
+async def test_per_request_loaders_over_one_instrumented_batch_function(
+    registry: CollectorRegistry,
+) -> None:
+    """The README's pattern: a DataLoader per request (its own cache and dedupe)
+    whose batch function calls a shared ``@batch`` function, instrumented once."""
+    calls: list[list[int]] = []
+
+    @batch(max_size=200, max_wait=0.002, name="authors")
+    async def fetch_authors(ids: list[int]) -> list[str]:
+        calls.append(sorted(ids))
+        return [f"author {i}" for i in ids]
+
+    instrument(fetch_authors, registry=registry)
+
+    async def load_authors(ids: list[int]) -> list[str]:
+        return await fetch_authors.submit_many(ids)
+
+    async def request(first: int) -> list[str]:
+        loader = DataLoader(load_authors)  # per request, not instrumented
+        return await asyncio.gather(*(loader.load(first + k % 3) for k in range(6)))
+
+    got = await asyncio.gather(*(request(first) for first in range(3)))
+    assert got[2] == [f"author {i}" for i in (2, 3, 4, 2, 3, 4)]
+    assert calls == [[0, 1, 1, 2, 2, 2, 3, 3, 4]]  # one call across the three requests
+    assert _outcomes(registry, "authors") == {"succeeded": 9}
+    size = Scrape.parse(_exposition(registry)).histogram("asyncbatch_batch_size", "authors")
+    assert size[1:] == (1, 9)
+    await fetch_authors.aclose()

@@ -67,6 +67,20 @@ for a counter reset; a delta exporter sends one negative delta). Where that
 matters, instrument an ``@batch`` function instead: its counters never go
 back.
 
+An ``@batch`` wrapper's concurrency limit is the sum of its batchers'
+limits, ``0`` (no limit) if one of them has none; with no batcher at the moment
+(before its first call, after its loop closed) it is the limit a new batcher
+would get: ``max_concurrency`` as decorated or ``configure()``d.
+
+Durations and waits are measured with ``loop.time()``: on uvloop that is
+libuv's loop time, in whole milliseconds, so a sink call or a wait under 1 ms
+often reads ``0``; sums over many calls stay right on average.
+
+A ``DataLoader`` made per request cannot be instrumented per request (each
+would need a label of its own, and its points would go with it): instrument a
+shared ``@batch`` function that the per-request loaders' batch function calls
+(``await fetch.submit_many(keys)``); see the README.
+
 Traces: one span per sink call (each retry and isolation half is a call),
 named ``asyncbatch.sink <batcher name>``, with attributes
 ``asyncbatch.batcher``, ``messaging.batch.message_count`` (items in the call)

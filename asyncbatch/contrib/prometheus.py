@@ -67,6 +67,20 @@ takes the name over, the old one's series go, and the counters start again
 from the new batcher's zero: a counter reset, which ``rate()`` and
 ``increase()`` handle.
 
+An ``@batch`` wrapper's concurrency limit is the sum of its batchers'
+limits, ``0`` (no limit) if one of them has none; with no batcher at the moment
+(before its first call, after its loop closed) it is the limit a new batcher
+would get: ``max_concurrency`` as decorated or ``configure()``d.
+
+Durations and waits are measured with ``loop.time()``: on uvloop that is
+libuv's loop time, in whole milliseconds, so a sink call or a wait under 1 ms
+often reads ``0``; sums over many calls stay right on average.
+
+A ``DataLoader`` made per request cannot be instrumented per request (each
+would need a label of its own, and its series would go with it): instrument a
+shared ``@batch`` function that the per-request loaders' batch function calls
+(``await fetch.submit_many(keys)``); see the README.
+
 Scraped from another thread (``start_http_server``), the figures of
 one batcher are read without stopping its loop, so two of them may be a few
 items apart; each one is exact.
