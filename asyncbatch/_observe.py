@@ -60,11 +60,14 @@ class SinkCall:
     Attributes:
         batcher: the batcher's name.
         size: items handed to the sink in this call.
-        attempt: the batch's try number, from 1 (retries and isolation
-            halves count on).
+        attempt: the try number of these items, from 1 (retries and
+            isolation halves count on; each part of a batch split by
+            ``configure`` is a first try). A streaming sink's call is one
+            call, from its first step to its close.
         captured: what :attr:`Observer.capture` returned at submit for the
-            first :data:`MAX_LINKS` items of the batch (empty when no
-            observer captures).
+            first :data:`MAX_LINKS` items of the batch, whichever part,
+            retry or half this call is (items withdrawn before dispatch
+            included; callers coalesced by ``dedupe`` are not captured).
         start: ``loop.time()`` when the call starts.
     """
 
