@@ -1222,7 +1222,7 @@ class Batcher(_Overflow[T, R], _Runner[T, R], _Dispatch[T, R]):
                     f"function; cannot hash {index!r}"
                 ) from None
             if batch is not None and self._coalesce(batch, index, fut):
-                return batch
+                return self._coalesced(batch)
         weight: float = 0
         if self._weigh is not None:
             weight = _checked_weight(self, self._weigh(item), item)
@@ -1234,7 +1234,7 @@ class Batcher(_Overflow[T, R], _Runner[T, R], _Dispatch[T, R]):
                 return None
             batch = self._open.get(pkey)  # the room made may have sealed or emptied it
             if batch is not None and self._dedupe and self._coalesce(batch, index, fut):
-                return batch
+                return self._coalesced(batch)
         if (
             batch is not None
             and self._weigh is not None
@@ -1296,6 +1296,12 @@ class Batcher(_Overflow[T, R], _Runner[T, R], _Dispatch[T, R]):
         batch.full_at = size
         if n >= size:
             self._seal(batch, "size")
+
+    def _coalesced(self, batch: _Batch) -> _Batch:
+        """A caller joined an equal item's slot: its span is linked too (under the cap)."""
+        if self._capture and (batch.captured is None or len(batch.captured) < MAX_LINKS):
+            self._capture_links(batch)
+        return batch
 
     def _capture_links(self, batch: _Batch) -> None:
         captured = batch.captured

@@ -67,7 +67,8 @@ class SinkCall:
         captured: what :attr:`Observer.capture` returned at submit for the
             first :data:`MAX_LINKS` items of the batch, whichever part,
             retry or half this call is (items withdrawn before dispatch
-            included; callers coalesced by ``dedupe`` are not captured).
+            included; callers coalesced by ``dedupe`` into a slot count as
+            items).
         start: ``loop.time()`` when the call starts.
     """
 

@@ -336,3 +336,17 @@ async def test_attach_and_detach_from_another_thread_while_items_flow() -> None:
     assert errors == []
     assert batcher.stats.succeeded == 2001
     await batcher.aclose()
+
+
+async def test_callers_coalesced_by_dedupe_are_captured_too() -> None:
+    batcher = Batcher(echo, max_size=10, max_wait=0.01, dedupe=True)
+    recorder = Recorder()
+    attach(batcher, recorder)
+    keys = [1, 2, 1, 1, 3]
+    results = await asyncio.gather(
+        *(as_submitter(f"caller{n}", batcher.submit, key) for n, key in enumerate(keys))
+    )
+    assert results == keys
+    assert [c.size for c in recorder.calls] == [3]
+    assert list(recorder.calls[0].captured) == [f"caller{n}" for n in range(5)]
+    await batcher.aclose()
