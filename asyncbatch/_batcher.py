@@ -834,6 +834,11 @@ class Batcher(_Overflow[T, R], _Runner[T, R], _Dispatch[T, R]):
           less room applies to the next submits (nothing accepted is dropped).
         - ``timeout``: applies to sink calls that start from now on.
 
+        Threads: from another thread than the one running the batcher's
+        loop, the values are checked here (errors raised here) and applied
+        on the loop's thread, at its next iteration. On a batcher whose loop
+        is closed only the settings change (they apply when it rebinds).
+
         Raises:
             TypeError, ValueError: a value the constructor would refuse;
                 nothing is changed then.
@@ -887,7 +892,32 @@ class Batcher(_Overflow[T, R], _Runner[T, R], _Dispatch[T, R]):
                 "and no max_wait or interval: a batch could never fill and has no deadline"
             )
 
-        # Everything checked: apply.
+        # Everything checked: apply, on the loop's own thread.
+        apply = functools.partial(
+            self._apply_settings, new_size, wait_setting, wait, tick, weight, policy, limit
+        )
+        loop = self._loop
+        thread = self._hot._thread_id
+        if loop is not None and thread is not None and thread != _get_ident():
+            loop.call_soon_threadsafe(apply, pending, call_timeout)
+        else:
+            apply(pending, call_timeout)
+
+    def _apply_settings(
+        self,
+        new_size: int,
+        wait_setting: float | None,
+        wait: float | None,
+        tick: float | None,
+        weight: float,
+        policy: Adaptive | None,
+        limit: float,
+        pending: int | None,
+        call_timeout: float | None,
+    ) -> None:
+        """``configure``'s effects, its values checked (see there)."""
+        if self.closed:
+            return  # closed between the check and now (configure from another thread)
         self._max_wait_setting = wait_setting
         self._max_size = new_size
         self._max_weight = weight
@@ -902,8 +932,8 @@ class Batcher(_Overflow[T, R], _Runner[T, R], _Dispatch[T, R]):
         timing = (wait, tick) != (self._deadlines.max_wait, self._deadlines.interval)
         self._deadlines.max_wait, self._deadlines.interval = wait, tick
         self._soon = wait == 0 and tick is None
-        if self._loop is None:
-            return
+        if self._loop is None or self._loop.is_closed():
+            return  # nothing runs on it any more; a rebind starts afresh
         for batch in list(self._open.values()):
             if len(batch.items) >= new_size:
                 self._seal(batch, "size")

@@ -10,6 +10,7 @@ import pytest
 
 from asyncbatch import Adaptive, Batcher, BatcherClosed, DataLoader, QueueFull, batch
 
+from .conftest import FLAVOURS
 from .support import RecordingSink, settle
 
 pytestmark = pytest.mark.looptime
@@ -365,3 +366,75 @@ async def test_per_item_overload_answers_reach_the_adaptive_policy() -> None:
     assert isinstance(results[1], Busy)
     assert [s.overloaded for s in seen] == [True]
     await b.aclose()
+
+
+@pytest.mark.parametrize("flavour", sorted(FLAVOURS))
+def test_configure_from_another_thread_applies_on_the_loop_thread(flavour: str) -> None:
+    # A due batch waits for the one slot; another thread raises the limit.
+    async def main() -> tuple[str, float]:
+        loop = asyncio.get_running_loop()
+        release = loop.create_future()
+
+        async def sink(items: list[str]) -> list[str]:
+            if items == ["a"]:
+                await release
+            return [f"{i}!" for i in items]
+
+        b = Batcher(sink, max_size=1, max_concurrency=1)
+        first = asyncio.create_task(b.submit("a"))
+        await asyncio.sleep(0.01)
+        second = asyncio.create_task(b.submit("b"))
+        await asyncio.sleep(0.01)  # due, waiting for the slot "a" holds
+        errors: list[BaseException] = []
+
+        def other() -> None:
+            try:
+                with pytest.raises(ValueError, match="max_size must be >= 1"):
+                    b.configure(max_size=0)  # still checked here, in the calling thread
+                b.configure(max_concurrency=2)
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        start = loop.time()
+        await asyncio.to_thread(other)
+        async with asyncio.timeout(5):  # the loop was idle: it must be woken
+            answer = await second
+        waited = loop.time() - start
+        release.set_result(None)
+        assert await first == "a!"
+        assert errors == []
+        assert b.stats.concurrency_limit == 2
+        await b.aclose()
+        return answer, waited
+
+    with asyncio.Runner(loop_factory=FLAVOURS[flavour]) as runner:
+        answer, waited = runner.run(main())
+    assert answer == "b!"
+    assert waited < 2.5  # generous: it is answered at the next iteration
+
+
+def test_configure_on_a_batcher_whose_loop_closed_changes_only_settings() -> None:
+    async def double(items: list[int]) -> list[int]:
+        return [i * 2 for i in items]
+
+    b = Batcher(double, max_size=10, max_wait=5)
+
+    async def withdrawn() -> None:
+        task = asyncio.create_task(b.submit(1))
+        await asyncio.sleep(0.01)
+        task.cancel()  # its open batch's timer dies with the loop
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(withdrawn())
+    b.configure(max_wait=0.01)  # outside any loop: no "Event loop is closed"
+
+    async def again() -> int:
+        b.configure(max_wait=0.02)  # the first call of the next run
+        async with asyncio.timeout(2):
+            answer = await b.submit(3)
+        await b.aclose()
+        return answer
+
+    assert asyncio.run(again()) == 6
+    stats = b.stats
+    assert (stats.succeeded, stats.cancelled, stats.pending) == (1, 1, 0)
