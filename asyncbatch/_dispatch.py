@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-from collections.abc import Hashable
+from collections.abc import Coroutine, Hashable
 from typing import Any
 
 from ._batch import _Batch, _done, _extra_list, _Fut
@@ -130,7 +130,14 @@ class _Dispatch(_Core[T, R]):
         assert loop is not None
         # A context of its own: the batch serves many callers, so none of their
         # contextvars (request ids, tenants, trace baggage) may reach the sink.
-        task = loop.create_task(self._run(batch, items, futs, extra), context=contextvars.Context())
+        run = self._run(batch, items, futs, extra)
+        try:
+            task = _new_task(loop, run)
+        except Exception as exc:  # a task factory that fails: these callers fail, not hang
+            run.close()
+            self._deliver(batch, items, futs, extra, None, exc)
+            self._finish(batch, len(items), loop.time(), exc)
+            return
         if not task.done():  # an eager task factory may have finished it already
             self._inflight[batch] = task
             task.add_done_callback(functools.partial(self._reap, batch, items, futs, extra))
@@ -202,3 +209,19 @@ class _Dispatch(_Core[T, R]):
             # The grid point after the first item passed: the next one to come.
             when = next_tick(self._deadlines.t0, self._deadlines.interval or 1.0, loop.time())
         batch.timer = loop.call_at(when, self._on_timer, batch, reason)
+
+
+def _new_task(
+    loop: asyncio.AbstractEventLoop, run: Coroutine[Any, Any, None]
+) -> asyncio.Task[None]:
+    """The sink task, in a fresh context (no caller's contextvars reach the sink).
+
+    A task factory written before Python 3.11 takes no ``context``: then the
+    task is made without one (the sink sees the context it was started from).
+    """
+    try:
+        return loop.create_task(run, context=contextvars.Context())
+    except TypeError as exc:
+        if "context" not in str(exc):
+            raise
+        return loop.create_task(run)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+from typing import Any
 
 import pytest
 
@@ -313,4 +314,49 @@ async def test_the_sink_sees_no_callers_context() -> None:
     assert seen == ["none"] * 3
     assert spawned == ["sink0", "sink3", "sink6"]  # tasks the sink starts inherit its context
     assert REQUEST.get() == "none"
+    await batcher.aclose()
+
+
+async def test_a_task_factory_without_context_still_runs_the_sink() -> None:
+    loop = asyncio.get_running_loop()
+    old = loop.get_task_factory()
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any) -> asyncio.Task[Any]:
+        return asyncio.Task(coro, loop=loop)  # the pre-3.11 signature: no context=
+
+    loop.set_task_factory(factory)
+    try:
+        batcher = Batcher(RecordingSink(), max_wait=0.01)
+        async with asyncio.timeout(5):
+            assert await batcher.submit(1) == 10
+        await batcher.aclose()
+    finally:
+        loop.set_task_factory(old)
+
+
+async def test_a_task_factory_that_raises_fails_the_batch_instead_of_hanging() -> None:
+    loop = asyncio.get_running_loop()
+    old = loop.get_task_factory()
+    sink = RecordingSink()
+    reports: list[BatchReport] = []
+    batcher = Batcher(sink, max_size=2, max_wait=0.01, on_batch=reports.append)
+    assert await batcher.submit(0) == 0  # bound, and its sink task made before
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        raise RuntimeError("no tasks today")
+
+    loop.set_task_factory(factory)
+    try:
+        futs = [batcher.submit_nowait(1), batcher.submit_nowait(2)]  # full: dispatched now
+    finally:
+        loop.set_task_factory(old)
+    async with asyncio.timeout(5):
+        results = await asyncio.gather(*futs, return_exceptions=True)
+    assert [type(r) for r in results] == [RuntimeError, RuntimeError]
+    assert "no tasks today" in str(results[0])
+    stats = batcher.stats
+    assert (stats.submitted, stats.succeeded, stats.failed) == (3, 1, 2)
+    assert (stats.pending, stats.in_flight) == (0, 0)
+    assert [r.size for r in reports] == [1, 2]
+    assert await batcher.submit(3) == 30  # and it goes on once tasks can be made
     await batcher.aclose()
