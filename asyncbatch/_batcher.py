@@ -1108,7 +1108,11 @@ class Batcher(_Overflow[T, R], _Runner[T, R], _Dispatch[T, R]):
         bound = self._loop
         if bound is loop:
             if self._hot is _UNBOUND:  # the loop is ending (shutdown_asyncgens) but runs
-                self._hot = _hot_marker(loop)
+                raise RuntimeError(
+                    f"the event loop of {self!r} is shutting down (asyncio.run() is "
+                    "ending): it accepts no new items, whose timers would die with it; "
+                    "close the batcher before its loop ends"
+                )
             return loop
         if bound is not None:
             if (
@@ -1160,7 +1164,6 @@ class Batcher(_Overflow[T, R], _Runner[T, R], _Dispatch[T, R]):
         return (
             loop is not None
             and loop.is_closed()
-            and not self._lost
             and not self._in_flight
             and not self._putters
             and not self._stranded()
@@ -1182,7 +1185,9 @@ class Batcher(_Overflow[T, R], _Runner[T, R], _Dispatch[T, R]):
         """The bound loop is shutting down (``asyncio.run`` ends): fail what is lost."""
         self._watch = None
         self._hot = _UNBOUND  # the next use goes through _bind, which checks the loop
-        if self._state is not _State.CLOSED and (self._pending or self._in_flight):
+        # (While it closes, the closer owns the items: a drain still runs, or its
+        # cancellation failed them.)
+        if self._state is _State.RUNNING and (self._pending or self._in_flight):
             # Nothing will run on this loop again: its callers and put items fail
             # now (counted), its sink calls are cancelled (their tasks take that
             # step before the loop stops); the batcher refuses another loop.
@@ -1508,14 +1513,26 @@ class Batcher(_Overflow[T, R], _Runner[T, R], _Dispatch[T, R]):
                 task.cancel()
 
     def _fail_undispatched(self, closed: BaseException) -> None:
-        """Fail every item not dispatched yet with ``closed``, and forget their batches."""
-        for batch in self._undispatched():
+        """Fail every item not dispatched yet with ``closed``, and forget their batches.
+
+        All of them leave the batcher first: the callbacks run while failing
+        them (``on_batch``, observers, callers' done-callbacks) find none of
+        them there to seal, start or count again.
+        """
+        batches = self._undispatched()
+        for batch in batches:
             if batch.timer is not None:
                 batch.timer.cancel()
                 batch.timer = None
             batch.running = True
             self._release(len(batch.futs) - batch.released)
             self._submitted += len(batch.futs) + batch.coalesced
+        self._open.clear()
+        self._ready.clear()
+        self._waiting.clear()
+        self._undue.clear()
+        self._heads.clear()
+        for batch in batches:
             items, futs, extra = self._live(batch, batch.items, batch.futs, _extra_list(batch))
             reporting = bool(items) and (self._on_batch is not None or bool(self._observers))
             if reporting:
@@ -1528,11 +1545,6 @@ class Batcher(_Overflow[T, R], _Runner[T, R], _Dispatch[T, R]):
                 assert loop is not None
                 self._report(batch, len(items), loop.time(), closed)
             self._signal_done(batch)
-        self._open.clear()
-        self._ready.clear()
-        self._waiting.clear()
-        self._undue.clear()
-        self._heads.clear()
 
     def _undispatched(self) -> list[_Batch]:
         return list(self._waiting)

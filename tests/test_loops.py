@@ -10,6 +10,7 @@ import logging
 import math
 import threading
 import warnings
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -20,6 +21,10 @@ from .conftest import FLAVOURS
 
 
 async def echo(items: list[int]) -> list[int]:
+    return items
+
+
+async def echo_str(items: list[str]) -> list[str]:
     return items
 
 
@@ -152,14 +157,15 @@ def test_items_lost_at_loop_end_fail_counted_and_nothing_is_left_running(
     assert len(lost) == 1
     assert "5 pending and 10 in-flight" in lost[0]
     assert sorted(i for r in reports for i, _ in r.failed_items) == list(range(25))
-    with pytest.raises(RuntimeError, match="is bound to"):
-        asyncio.run(b.flush())
+    asyncio.run(b.flush())  # nothing left to flush: its items failed with the loop
 
     async def again() -> None:
         holder[0].put_nowait(99)
 
     with pytest.raises(RuntimeError, match="ended with items in it"):
         asyncio.run(again())
+    asyncio.run(b.aclose())  # and it can be closed anywhere
+    assert b.closed
     del b, stats
     with warnings.catch_warnings():
         warnings.simplefilter("error", ResourceWarning)
@@ -333,3 +339,69 @@ def test_a_second_loop_in_the_same_thread_while_the_first_is_stopped_not_closed(
     finally:
         first.close()
         second.close()
+
+
+@pytest.mark.parametrize("flavour", sorted(FLAVOURS))
+def test_items_offered_while_the_loop_shuts_down_are_refused_loudly(flavour: str) -> None:
+    # Async generators that put a last item in their finally, closed by
+    # shutdown_asyncgens along with the batcher's own watcher (in any order).
+    refused: list[str] = []
+    loop_errors: list[dict[str, Any]] = []
+    b: Batcher[str, str] = Batcher(echo_str, max_size=10, max_wait=0.01)
+
+    async def events(n: int) -> AsyncIterator[int]:
+        try:
+            while True:
+                yield n
+                await asyncio.sleep(0)
+        finally:
+            try:
+                b.put_nowait(f"closed-{n}")
+            except RuntimeError as exc:
+                refused.append(str(exc))
+
+    gens: list[AsyncIterator[int]] = []
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(
+            lambda _loop, context: loop_errors.append(context)
+        )
+        await b.put("hello")
+        for n in range(8):
+            gen = events(n)
+            gens.append(gen)
+            await anext(gen)
+        await b.flush()
+
+    with asyncio.Runner(loop_factory=FLAVOURS[flavour]) as runner:
+        runner.run(main())
+    stats = b.stats
+    # Each closing item was either taken before the watcher heard of the end
+    # (and failed with the loop, counted) or refused with a clear error.
+    assert stats.submitted == 1 + 8 - len(refused)
+    assert (stats.succeeded, stats.failed, stats.pending) == (1, 8 - len(refused), 0)
+    assert all("is shutting down" in message for message in refused)
+    assert loop_errors == []
+
+
+def test_callbacks_run_while_failing_lost_items_count_each_item_once() -> None:
+    reports: list[BatchReport] = []
+
+    def on_batch(report: BatchReport) -> None:
+        reports.append(report)
+        b.configure(max_size=1)  # "smaller batches after a failure"
+
+    b: Batcher[int, int] = Batcher(
+        echo, max_size=10, max_wait=5, partition=lambda i: i % 2, on_batch=on_batch
+    )
+
+    async def main() -> None:
+        for i in range(4):
+            b.put_nowait(i)
+        await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    stats = b.stats
+    assert (stats.submitted, stats.failed, stats.pending, stats.batches) == (4, 4, 0, 0)
+    failed = sorted(i for r in reports for i, _ in r.failed_items)
+    assert failed == [0, 1, 2, 3]
