@@ -69,6 +69,7 @@ class _Runner(_Core[T, R]):
         items: list[Any],
         futs: list[_Fut],
         extra: list[list[_Fut]] | None,
+        tried: int = 0,
     ) -> BaseException | None:
         """The sink calls of a batch: one, unless ``configure`` lowered ``max_size``
         or ``max_weight`` after it filled; then consecutive parts, each within
@@ -77,7 +78,7 @@ class _Runner(_Core[T, R]):
         while items:
             n = self._fits(batch, items)
             part_extra = extra[:n] if extra is not None else None
-            error = await self._run_part(batch, items[:n], futs[:n], part_extra) or error
+            error = await self._run_part(batch, items[:n], futs[:n], part_extra, tried) or error
             items, futs = items[n:], futs[n:]
             extra = extra[n:] if extra is not None else None
         return error
@@ -101,12 +102,17 @@ class _Runner(_Core[T, R]):
         items: list[Any],
         futs: list[_Fut],
         extra: list[list[_Fut]] | None,
+        tried: int = 0,
     ) -> BaseException | None:
-        """One sink call and its retries (and isolation); the error it ends with, if any."""
+        """One sink call and its retries (and isolation); the error it ends with, if any.
+
+        ``tried``: tries these items already had (a retry that ``configure``
+        made go in parts goes on counting).
+        """
         if self._streaming:
-            return await self._run_stream(batch, items, futs, extra)
+            return await self._run_stream(batch, items, futs, extra, tried)
         retry = self._retry
-        attempts = 0
+        attempts = tried
         error: BaseException | None = None
         while True:
             attempts += 1
@@ -122,7 +128,7 @@ class _Runner(_Core[T, R]):
                     )
                     if self._fits(batch, items) < len(items):
                         # configure() lowered a limit meanwhile: the retry goes in parts.
-                        return await self._run_parts(batch, items, futs, extra)
+                        return await self._run_parts(batch, items, futs, extra, attempts)
                     if items:
                         continue
                     break
@@ -153,6 +159,8 @@ class _Runner(_Core[T, R]):
                         [futs[i] for i in again],
                         [extra[i] for i in again] if extra is not None else None,
                     )
+                    if self._fits(batch, items) < len(items):
+                        return await self._run_parts(batch, items, futs, extra, attempts)
                     if items:
                         continue
             return error
@@ -164,13 +172,14 @@ class _Runner(_Core[T, R]):
         items: list[Any],
         futs: list[_Fut],
         extra: list[list[_Fut]] | None,
+        tried: int = 0,
     ) -> BaseException | None:
         """Feed the callers' streams from one async generator call per batch.
 
         Retries (``retry``) only until a first step was delivered; ``timeout``
         bounds each step. When every caller has left, the generator is closed.
         """
-        attempts = 0
+        attempts = tried
         while True:
             attempts += 1
             batch.calls += 1
@@ -205,6 +214,8 @@ class _Runner(_Core[T, R]):
                     items, futs, extra = await self._back_off(
                         batch, attempts, exc, items, futs, extra
                     )
+                    if self._fits(batch, items) < len(items):
+                        return await self._run_parts(batch, items, futs, extra, attempts)
                     if items:
                         continue
                     return None
@@ -405,6 +416,10 @@ class _Runner(_Core[T, R]):
             part_extra = extra[lo:hi] if extra is not None else None
             h_items, h_futs, h_extra = self._live(batch, items[lo:hi], futs[lo:hi], part_extra)
             if not h_items:
+                continue
+            if len(h_items) > 1 and self._fits(batch, h_items) < len(h_items):
+                # configure() lowered a limit meanwhile: bisect on, without a call.
+                error = await self._isolate(batch, h_items, h_futs, h_extra, exc, attempt) or error
                 continue
             try:
                 values = await self._call(batch, h_items, attempt + 1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -438,3 +439,94 @@ def test_configure_on_a_batcher_whose_loop_closed_changes_only_settings() -> Non
     assert asyncio.run(again()) == 6
     stats = b.stats
     assert (stats.succeeded, stats.cancelled, stats.pending) == (1, 1, 0)
+
+
+async def test_retryable_items_retried_after_a_smaller_max_size_go_in_parts() -> None:
+    from asyncbatch import Retry, Retryable
+
+    sizes: list[int] = []
+
+    async def sink(items: list[int]) -> list[Any]:
+        sizes.append(len(items))
+        if len(sizes) == 1:
+            return [Retryable(ValueError(i)) for i in items]
+        return [i * 10 for i in items]
+
+    b = Batcher(sink, max_size=8, max_wait=0.01, retry=Retry(attempts=3, backoff=0.2, jitter=False))
+    tasks = [asyncio.create_task(b.submit(i)) for i in range(8)]
+    await asyncio.sleep(0.1)  # the first call is done; the items wait for their retry
+    b.configure(max_size=2)
+    assert await asyncio.gather(*tasks) == [i * 10 for i in range(8)]
+    assert sizes == [8, 2, 2, 2, 2]
+    await b.aclose()
+
+
+async def test_a_retry_split_by_a_smaller_max_size_keeps_counting_tries() -> None:
+    from asyncbatch import Retry
+
+    tries: dict[int, int] = {}
+
+    async def sink(items: list[int]) -> list[int]:
+        for i in items:
+            tries[i] = tries.get(i, 0) + 1
+        raise ConnectionError("down")
+
+    b = Batcher(sink, max_size=4, max_wait=0.01, retry=Retry(attempts=2, backoff=0.1, jitter=False))
+    tasks = [asyncio.create_task(b.submit(i)) for i in range(4)]
+    await asyncio.sleep(0.05)  # the first try failed; backing off
+    b.configure(max_size=2)
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, ConnectionError) for r in results)
+    assert tries == {0: 2, 1: 2, 2: 2, 3: 2}  # attempts=2 counts total tries
+    assert b.stats.retries == 1
+    await b.aclose()
+
+
+async def test_isolation_halves_respect_a_smaller_max_size() -> None:
+    from asyncbatch import Retry
+
+    sizes: list[int] = []
+
+    async def sink(items: list[int]) -> list[int]:
+        sizes.append(len(items))
+        await asyncio.sleep(0.05)
+        if 3 in items:
+            raise ValueError("poison 3")
+        return [i * 10 for i in items]
+
+    b = Batcher(sink, max_size=8, max_wait=0.01, retry=Retry(attempts=1, isolate=True))
+    tasks = [asyncio.create_task(b.submit(i)) for i in range(8)]
+    await asyncio.sleep(0.03)  # the first call runs
+    b.configure(max_size=2)
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert [r for i, r in enumerate(results) if i != 3] == [0, 10, 20, 40, 50, 60, 70]
+    assert isinstance(results[3], ValueError)
+    assert sizes[0] == 8
+    assert max(sizes[1:]) <= 2
+    await b.aclose()
+
+
+async def test_a_streaming_retry_respects_a_smaller_max_size() -> None:
+    from asyncbatch import Retry
+
+    sizes: list[int] = []
+
+    async def tokens(items: list[int]) -> AsyncIterator[list[str]]:
+        sizes.append(len(items))
+        if len(sizes) == 1:
+            raise ConnectionError("before the first step")
+        yield [f"{i}!" for i in items]
+
+    b = Batcher(
+        tokens, max_size=4, max_wait=0.01, retry=Retry(attempts=3, backoff=0.1, jitter=False)
+    )
+
+    async def read(i: int) -> list[str]:
+        return [v async for v in b.submit_stream(i)]
+
+    tasks = [asyncio.create_task(read(i)) for i in range(4)]
+    await asyncio.sleep(0.05)  # the first call failed; backing off
+    b.configure(max_size=1)
+    assert await asyncio.gather(*tasks) == [["0!"], ["1!"], ["2!"], ["3!"]]
+    assert sizes == [4, 1, 1, 1, 1]
+    await b.aclose()
