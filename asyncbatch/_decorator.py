@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import functools
 import inspect
 import threading
@@ -265,7 +266,7 @@ class _Batchers(Generic[_T, _R]):
         self._settings = settings
         self._limit = probe.stats.concurrency_limit
         for batcher in list(self._live.values()):
-            batcher.configure(**changes)
+            batcher.configure(**_own_policy(changes))
 
     def limit(self) -> int:
         """The concurrency limit a new batcher gets: ``max_concurrency`` as decorated
@@ -550,7 +551,7 @@ class BatchedFunction(_Wrapper[_T, _R]):
 
     def __init__(self, fn: _Sink, options: BatchOptions) -> None:
         name = options.get("name") or getattr(fn, "__qualname__", None) or repr(fn)
-        self._state = _Batchers(functools.partial(Batcher, fn, **options), name)
+        self._state = _Batchers(_maker(fn, options), name)
         functools.update_wrapper(self, fn, assigned=_ASSIGNED)
         self.__signature__ = _FUNCTION_SIGNATURE
 
@@ -580,7 +581,7 @@ class StreamingBatchedFunction(_Lifecycle[_T, _R]):
 
     def __init__(self, fn: Callable[[list[Any]], AsyncIterator[Any]], options: BatchOptions):
         name = options.get("name") or getattr(fn, "__qualname__", None) or repr(fn)
-        self._state = _Batchers(functools.partial(Batcher, fn, **options), name)
+        self._state = _Batchers(_maker(fn, options), name)
         functools.update_wrapper(self, fn, assigned=_ASSIGNED)
 
     def __call__(self, item: _T, /) -> AsyncGenerator[_R, None]:
@@ -715,7 +716,7 @@ class BatchedMethod(Generic[_S, _T, _R]):
         # holds it. ``setdefault``: if two threads race to make the first
         # entry of one instance, both use the winner's.
         batchers: _Batchers[_T, _R] = _Batchers(
-            functools.partial(Batcher, sink, **self._options), self.name, self._family
+            _maker(sink, self._options), self.name, self._family
         )
         with self._family.lock:
             self._family.collect()  # the instances gone since: their batchers are let go
@@ -1041,3 +1042,22 @@ def batch(**options: Unpack[BatchOptions]) -> _BatchDecorator:
             validation message).
     """
     return _BatchDecorator(options)
+
+
+def _own_policy(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` with an :class:`Adaptive` of its own: one Adaptive serves one
+    Batcher (its measurements are that batcher's), so every batcher of a
+    wrapper, of every instance and loop, tunes its own limit."""
+    policy = settings.get("max_concurrency")
+    if isinstance(policy, Adaptive):
+        return {**settings, "max_concurrency": copy.deepcopy(policy)}
+    return dict(settings)
+
+
+def _maker(sink: Any, options: Mapping[str, Any]) -> Callable[..., Batcher[Any, Any]]:
+    """Makes the batchers of one wrapper: ``Batcher(sink, **options, **settings)``."""
+
+    def make(**settings: Any) -> Batcher[Any, Any]:
+        return Batcher(sink, **_own_policy({**options, **settings}))
+
+    return make

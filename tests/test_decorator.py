@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from asyncbatch import (
+    Adaptive,
     BatchedFunction,
     BatchedMethod,
     Batcher,
@@ -978,3 +979,28 @@ def test_the_concurrency_limit_without_a_batcher_is_the_decorated_one() -> None:
     limited.configure(max_concurrency=3)
     unlimited.configure(max_concurrency=5)
     assert (_limit(limited), _limit(unlimited)) == (3, 5)
+
+
+async def test_every_batcher_of_a_wrapper_gets_an_adaptive_of_its_own() -> None:
+    # "One Adaptive serves one Batcher": a sick instance's timeouts must not cut
+    # a healthy one's limit, nor threads' loops share one policy's state.
+    template = Adaptive(min=1, max=16)
+
+    class Repo:
+        @batch(max_concurrency=template, max_wait=0.001)
+        async def get(self, ids: list[int]) -> list[int]:
+            return ids
+
+    one, two = Repo(), Repo()
+    assert await one.get(1) == 1
+    assert await two.get(2) == 2
+    policies = [Repo.get._batchers_of(repo).current()._policy for repo in (one, two)]
+    assert all(isinstance(p, Adaptive) for p in policies)
+    assert policies[0] is not policies[1]
+    assert template not in policies
+    replacement = Adaptive(min=2, max=8)
+    one.get.configure(max_concurrency=replacement)
+    after = Repo.get._batchers_of(one).current()._policy
+    assert isinstance(after, Adaptive)
+    assert after is not replacement
+    assert (after.min, after.max) == (2, 8)
