@@ -120,11 +120,12 @@ class Batcher(_Overflow[T, R], _Runner[T, R], _Dispatch[T, R]):
     that is not full keeps accepting items while it waits for a slot, so
     batches grow by themselves under load and add no latency when idle.
 
-    Context: each sink call runs in a task with a fresh, empty
+    Context: each batch's sink calls (its parts, retries and bisection
+    halves, one after the other) run in one task with a fresh, empty
     ``contextvars.Context``: a batch serves many callers, so no caller's
     context variables (request ids, tenants, trace context, baggage) are
-    visible to the sink or sent on by it. Tasks the sink starts inherit
-    the sink's context.
+    visible to the sink or sent on by it, nor what another batch's sink set.
+    Tasks the sink starts inherit the sink's context.
 
     Cancellation: a caller cancelled (or timed out) before its item is
     dispatched withdraws the item; the sink never sees it. After dispatch the

@@ -48,6 +48,7 @@ from ._batcher import _UNSET, Batcher, _Unset
 from ._concurrency import Adaptive
 from ._exceptions import BatcherClosed, ResultMismatch
 from ._observe import Observer
+from ._options import _check_int
 from ._results import describe
 from ._retry import Retry
 from ._stats import BatcherStats, BatchReport
@@ -364,10 +365,7 @@ class DataLoader(Generic[K, V]):
                 f"cache_map must be a MutableMapping (get, __setitem__, __delitem__, "
                 f"clear), got {type(cache_map).__name__}"
             )
-        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int):
-            raise TypeError(f"max_batch_size must be an int, got {max_batch_size!r}")
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size!r}")
+        _check_int("max_batch_size", max_batch_size, 1)
         name = batcher_options.get("name") or str(
             getattr(batch_load_fn, "__qualname__", None) or repr(batch_load_fn)
         )
@@ -818,6 +816,8 @@ class DataLoader(Generic[K, V]):
                 nothing is changed then.
             BatcherClosed: the loader is closed.
         """
+        if not isinstance(max_batch_size, _Unset):
+            _check_int("max_batch_size", max_batch_size, 1)  # named as the loader names it
         self._batcher.configure(
             max_size=max_batch_size,
             max_wait=max_wait,

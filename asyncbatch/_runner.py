@@ -227,9 +227,10 @@ class _Runner(_Core[T, R]):
 
     async def _next_step(self, agen: Any, size: int) -> object:
         try:
-            if self._timeout is None:
+            timeout = self._timeout
+            if timeout is None:
                 return await agen.__anext__()
-            return await self._await_in_time(agen.__anext__(), size)
+            return await self._await_in_time(agen.__anext__(), size, timeout)
         except asyncio.CancelledError as exc:
             task = asyncio.current_task()
             if task is None or task.cancelling():
@@ -366,9 +367,10 @@ class _Runner(_Core[T, R]):
                 "a sink must be an async function (async def sink(items): ...)"
             )
         try:
-            if self._timeout is None:
+            timeout = self._timeout  # the one in force when the call starts
+            if timeout is None:
                 return await awaitable
-            return await self._await_in_time(awaitable, len(items))
+            return await self._await_in_time(awaitable, len(items), timeout)
         except asyncio.CancelledError as exc:
             task = asyncio.current_task()
             if task is None or task.cancelling():
@@ -378,9 +380,10 @@ class _Runner(_Core[T, R]):
                 f"sink {self._name!r} raised CancelledError without being cancelled"
             ) from exc
 
-    async def _await_in_time(self, awaitable: Awaitable[object], size: int) -> object:
-        assert self._timeout is not None
-        deadline = asyncio.timeout(self._timeout)
+    async def _await_in_time(
+        self, awaitable: Awaitable[object], size: int, seconds: float
+    ) -> object:
+        deadline = asyncio.timeout(seconds)
         try:
             async with deadline:
                 return await awaitable
@@ -388,8 +391,7 @@ class _Runner(_Core[T, R]):
             if not deadline.expired():
                 raise  # the sink's own TimeoutError
             raise TimeoutError(
-                f"sink {self._name!r} did not answer within {self._timeout} s "
-                f"(batch of {size} items)"
+                f"sink {self._name!r} did not answer within {seconds} s (batch of {size} items)"
             ) from None
 
     async def _isolate(

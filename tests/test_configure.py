@@ -201,7 +201,7 @@ async def test_dataloader_configure_takes_max_batch_size() -> None:
     assert loader.stats.concurrency_limit == 0  # no limit: a DataLoader's default
     loader.configure(max_concurrency=2)
     assert loader.stats.concurrency_limit == 2
-    with pytest.raises(TypeError, match="max_size must be an int"):
+    with pytest.raises(TypeError, match=r"max_batch_size must be an int, got 2\.0"):
         loader.configure(max_batch_size=2.0)  # type: ignore[arg-type]
 
 
@@ -529,4 +529,18 @@ async def test_a_streaming_retry_respects_a_smaller_max_size() -> None:
     b.configure(max_size=1)
     assert await asyncio.gather(*tasks) == [["0!"], ["1!"], ["2!"], ["3!"]]
     assert sizes == [4, 1, 1, 1, 1]
+    await b.aclose()
+
+
+async def test_a_call_timed_out_says_the_timeout_it_started_with() -> None:
+    async def slow(items: list[int]) -> list[int]:
+        await asyncio.sleep(10)
+        return items
+
+    b = Batcher(slow, max_wait=0.01, timeout=1.0)
+    task = asyncio.create_task(b.submit(1))
+    await asyncio.sleep(0.5)  # the call runs under timeout=1.0
+    b.configure(timeout=None)
+    with pytest.raises(TimeoutError, match=r"did not answer within 1\.0 s"):
+        await task
     await b.aclose()
