@@ -10,16 +10,23 @@ temporary directory and has persistence off (no snapshots, no append-only
 file). :meth:`RedisServer.restart` saves once on purpose (``SHUTDOWN SAVE``)
 and starts again on the same port from that snapshot: a restart that keeps
 the data, as a production server with persistence would.
+
+:class:`ReplyDropper` is a TCP proxy in front of a server that loses the reply
+to a chosen command after the server ran it: a connection broken at the worst
+moment, on purpose.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -139,3 +146,112 @@ class RedisServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+class ReplyDropper:
+    """A TCP proxy on ``127.0.0.1:<port>`` in front of ``target_port`` that loses replies.
+
+    :meth:`lose` arms it: the next reply the server sends on a connection
+    whose last request contained ``command`` (and, if given, every byte
+    string of ``also``), and for which ``reply(first_bytes)`` is true, is not
+    forwarded: the proxy closes both sides instead. The server has run the
+    command (its effects are there); the client sees its connection break
+    with the answer lost. ``lost`` counts the replies dropped.
+
+    It looks at raw chunks, not parsed RESP: fine for one command at a time per
+    connection, which is what the consumer's reader and claimer send.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.lost = 0
+        self._rules: list[tuple[bytes, tuple[bytes, ...], Callable[[bytes], bool]]] = []
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def __aenter__(self) -> Self:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    def lose(
+        self,
+        command: bytes,
+        reply: Callable[[bytes], bool],
+        also: tuple[bytes, ...] = (),
+    ) -> None:
+        """Lose the next reply to ``command`` (a request containing ``also``) matching ``reply``."""
+        self._rules.append((command, also, reply))
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        try:
+            server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            client_w.close()
+            return
+        self._writers |= {client_w, server_w}
+        armed: list[tuple[bytes, tuple[bytes, ...], Callable[[bytes], bool]]] = []
+
+        def cut() -> None:
+            for writer in (client_w, server_w):
+                writer.close()
+
+        async def upstream() -> None:
+            while data := await client_r.read(65536):
+                armed[:] = [
+                    rule
+                    for rule in self._rules
+                    if f"${len(rule[0])}\r\n".encode() + rule[0] in data.upper()
+                    and all(part in data for part in rule[1])
+                ]
+                server_w.write(data)
+                await server_w.drain()
+
+        async def downstream() -> None:
+            while data := await server_r.read(65536):
+                for rule in armed:
+                    if rule in self._rules and rule[2](data):
+                        self._rules.remove(rule)
+                        self.lost += 1
+                        cut()
+                        return
+                armed.clear()
+                client_w.write(data)
+                await client_w.drain()
+
+        tasks = [asyncio.ensure_future(upstream()), asyncio.ensure_future(downstream())]
+        self._tasks.update(tasks)
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            cut()
+            for task in tasks:
+                task.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.gather(*tasks, return_exceptions=True)
+            self._tasks.difference_update(tasks)
+            self._writers -= {client_w, server_w}
+
+
+def has_entries(reply: bytes) -> bool:
+    """An ``XREADGROUP`` reply with at least one stream (RESP2 or RESP3), not a timeout."""
+    return reply.startswith((b"*1", b"%1"))
+
+
+def claimed_some(reply: bytes) -> bool:
+    """An ``XAUTOCLAIM`` reply that claimed at least one entry (RESP2 or RESP3)."""
+    parts = reply.split(b"\r\n")
+    # *3, $<n>, <cursor>, *<claimed>, ...
+    return len(parts) > 3 and parts[0] == b"*3" and parts[3] not in (b"*0", b"*-1")

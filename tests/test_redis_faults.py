@@ -9,6 +9,11 @@
 - ``test_a_server_restart_under_a_running_consumer``: the server goes away
   for a second (and comes back with its data); the consumer retries
   with backoff and loses nothing.
+- ``test_a_lost_*_reply_*``: a proxy (``ReplyDropper``) cuts the connection
+  right after the server ran an ``XREADGROUP`` or ``XAUTOCLAIM`` that gave
+  entries to the consumer, so the reply with them never arrives; the entries
+  are found in the consumer's pending list and processed at once, with the
+  server's delivery count, whether or not redis-py resent the command itself.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from redis.backoff import NoBackoff
 from asyncbatch import Retry
 from asyncbatch.contrib.redis import StreamConsumer, StreamEntry, StreamWriter
 
-from .redis_server import RedisServer
+from .redis_server import RedisServer, ReplyDropper, claimed_some, has_entries
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "redis_worker.py"
@@ -207,8 +212,8 @@ async def test_a_server_restart_under_a_running_consumer(server: RedisServer) ->
         await asyncio.to_thread(server.restart, 1.0)
         await producing
         await writer.aclose()
-        # A read whose reply the outage swallowed stays pending until it is idle
-        # for min_idle and claimed back: allow for that on a loaded machine.
+        # A read whose reply the outage swallowed is taken from the consumer's
+        # pending list once the server is back; allow for a loaded machine.
         deadline = time.monotonic() + 45
         while len(numbers) < total or int((await r.xpending("s", "g"))["pending"]):
             assert time.monotonic() < deadline, (len(numbers), consumer.stats)
@@ -229,3 +234,113 @@ async def test_a_server_restart_under_a_running_consumer(server: RedisServer) ->
         await writer.aclose(cancel=True)
         await r.aclose()
         await writer_client.aclose()
+
+
+def _client(port: int, redis_py_retries: bool) -> aioredis.Redis:
+    if redis_py_retries:  # redis-py's default: it resends the command, we never hear of it
+        return aioredis.Redis(port=port, socket_timeout=5)
+    return aioredis.Redis(port=port, retry=RedisRetry(NoBackoff(), 0), socket_timeout=5)
+
+
+class _Seen:
+    """A sink recording (id, deliveries) of every entry it is handed."""
+
+    def __init__(self) -> None:
+        self.deliveries: list[tuple[str, int]] = []
+
+    async def __call__(self, entries: list[StreamEntry]) -> None:
+        self.deliveries.extend((e.id, e.deliveries) for e in entries)
+
+
+async def _add(r: aioredis.Redis, count: int) -> list[str]:
+    async with r.pipeline(transaction=False) as pipe:
+        for n in range(count):
+            pipe.xadd("s", {"n": n})
+        return [i.decode() for i in await pipe.execute()]
+
+
+async def _until(check: Any, within: float) -> None:
+    deadline = time.monotonic() + within
+    while not await check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("redis_py_retries", [False, True], ids=["no-client-retry", "client-retry"])
+async def test_a_lost_read_reply_is_taken_from_the_pending_list(
+    server: RedisServer, redis_py_retries: bool
+) -> None:
+    direct = aioredis.Redis(port=server.port)
+    await direct.xgroup_create("s", "g", id="0", mkstream=True)
+    ids = await _add(direct, 100)
+    sink = _Seen()
+    async with ReplyDropper(server.port) as proxy:
+        proxy.lose(b"XREADGROUP", has_entries, also=(b"$1\r\n>\r\n",))
+        r = _client(proxy.port, redis_py_retries)
+        # min_idle is far longer than the test: XAUTOCLAIM cannot be what brings
+        # the entries back. Without redis-py's retries the consumer sees the
+        # broken read and looks at once; with them it never hears of it and
+        # finds the entries on its periodic check (claim_interval).
+        consumer = StreamConsumer(
+            r, stream="s", group="g", consumer="c", sink=sink, max_size=50, min_idle=60.0,
+            block=0.1, claim_interval=None if not redis_py_retries else 0.5,
+        )  # fmt: skip
+        run = asyncio.create_task(consumer.run())
+        try:
+            await _until(lambda: _true(consumer.stats.acked == 100), 10)
+            await _until(lambda: _pending_is(direct, 0), 10)
+        finally:
+            await consumer.stop()
+            await run
+            await r.aclose()
+        assert proxy.lost == 1
+    # Every entry once, as a first delivery: the server delivered each once.
+    assert sorted(sink.deliveries) == sorted((i, 1) for i in ids)
+    stats = consumer.stats
+    assert (stats.read, stats.acked, stats.claimed, stats.redelivered) == (100, 100, 0, 0)
+    assert stats.connection_errors == (0 if redis_py_retries else 1)
+    await direct.aclose()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("redis_py_retries", [False, True], ids=["no-client-retry", "client-retry"])
+async def test_a_lost_claim_reply_is_taken_from_the_pending_list(
+    server: RedisServer, redis_py_retries: bool
+) -> None:
+    direct = aioredis.Redis(port=server.port)
+    await direct.xgroup_create("s", "g", id="0", mkstream=True)
+    ids = await _add(direct, 30)
+    # A consumer that read them and died: they are claimed after min_idle.
+    await direct.xreadgroup("g", "dead", {"s": ">"}, count=100)
+    sink = _Seen()
+    async with ReplyDropper(server.port) as proxy:
+        proxy.lose(b"XAUTOCLAIM", claimed_some)
+        r = _client(proxy.port, redis_py_retries)
+        consumer = StreamConsumer(
+            r, stream="s", group="g", consumer="c", sink=sink, max_size=50, min_idle=1.0,
+            block=0.1, claim_interval=0.1,
+        )  # fmt: skip
+        run = asyncio.create_task(consumer.run())
+        try:
+            await _until(lambda: _true(consumer.stats.acked == 30), 10)
+            await _until(lambda: _pending_is(direct, 0), 10)
+        finally:
+            await consumer.stop()
+            await run
+            await r.aclose()
+        assert proxy.lost == 1
+    # Second deliveries (the dead consumer had the first), each once. Without
+    # the recovery they came back after another min_idle as third deliveries.
+    assert sorted(sink.deliveries) == sorted((i, 2) for i in ids)
+    stats = consumer.stats
+    assert (stats.read, stats.acked, stats.redelivered) == (30, 30, 30)
+    await direct.aclose()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def _pending_is(r: aioredis.Redis, count: int) -> bool:
+    return int((await r.xpending("s", "g"))["pending"]) == count

@@ -93,6 +93,12 @@ CONNECTION_ERRORS: Final = (
     OSError,  # the builtin TimeoutError and socket errors included
 )
 
+#: Commands whose reply carries entries the server has just made this
+#: consumer's: if the reply is lost they must be recovered (_recover_lost).
+_DELIVERING: Final = frozenset({"XREADGROUP", "XAUTOCLAIM"})
+
+_RECHECK = 0.1  # seconds before looking again at entries a read in flight may carry
+
 _BACKOFF_FIRST = 0.1  # seconds before the first reconnection attempt
 _BACKOFF_MAX = 5.0  # cap of the doubling backoff, seconds
 
@@ -129,7 +135,8 @@ class ConsumerStats:
 
     Attributes:
         read: entries delivered to this consumer (new ones, its own pending
-            ones at start, and claimed ones).
+            ones at start, claimed ones, and ones whose delivery reply was
+            lost, taken from its pending list).
         acked: entries acknowledged after the sink succeeded for them.
         failed: deliveries that failed (the sink's error for that entry,
             after ``retry``); each failed delivery counts once.
@@ -360,6 +367,10 @@ class StreamConsumer:
             ``TimeoutError``, or are retried).
         start: where a group created by this consumer starts: ``"$"`` (only
             entries added from now on) or ``"0"`` (the whole stream), or an id.
+            The group is created when :meth:`run` begins: with ``"$"``, an
+            entry a writer adds before that is not delivered. If writers may
+            already be running, create the group first (``XGROUP CREATE ...
+            MKSTREAM``) or use ``"0"``.
         block: longest ``XREADGROUP BLOCK``, seconds, ``> 0``. :meth:`stop`
             interrupts it (``CLIENT UNBLOCK``), so it mostly bounds how long an
             idle consumer waits between two reads.
@@ -373,9 +384,15 @@ class StreamConsumer:
     retried after a doubling backoff (0.1 s up to 5 s, full jitter); reading
     resumes where the group stands, acknowledgements are retried until they
     land (an entry is counted as ``acked`` only once its ``XACK`` succeeded).
-    If the group disappeared (a server restarted without its data) it is
-    created again at ``start``. Other errors (a wrong key type, no
-    permission) stop the consumer: :meth:`run` raises them.
+    A reply lost with its connection after the server ran the command (an
+    ``XREADGROUP`` or ``XAUTOCLAIM`` that gave entries to this consumer, even
+    one redis-py resent by itself) loses nothing: after a failure, and every
+    ``claim_interval``, the consumer compares its pending list on the server
+    with what it holds and takes the entries it never received, with the
+    delivery count the server has. If the group disappeared (a server
+    restarted without its data) it is created again at ``start``. Other
+    errors (a wrong key type, no permission) stop the consumer: :meth:`run`
+    raises them.
     """
 
     __slots__ = (
@@ -400,15 +417,18 @@ class StreamConsumer:
         "_fatal",
         "_finished",
         "_forget",
+        "_given_back",
         "_group",
         "_held",
         "_kick_acker",
         "_max_deliveries",
         "_min_idle",
         "_name",
+        "_own_done",
         "_read",
         "_reader",
         "_reader_id",
+        "_reading_since",
         "_redelivered",
         "_redis",
         "_room",
@@ -417,6 +437,8 @@ class StreamConsumer:
         "_state",
         "_stop",
         "_stream",
+        "_suspect",
+        "_wake_claimer",
     )
 
     def __init__(
@@ -489,7 +511,14 @@ class StreamConsumer:
         self._acks: list[str] = []  # succeeded, waiting for the acker
         self._dead: list[tuple[StreamEntry, BaseException]] = []  # for the dead-letter stream
         self._forget: list[str] = []  # deleted from the stream: acknowledged, not counted
+        # Entry id -> loop time it failed and was left pending for a later claim,
+        # kept for min_idle (see _recover_lost); oldest first.
+        self._given_back: dict[str, float] = {}
+        self._suspect = False  # a command that delivers entries lost its reply
+        self._reading_since: float | None = None  # loop time the read in flight was sent
+        self._own_done = False  # the pending entries of a previous run are taken back
         self._stop = asyncio.Event()
+        self._wake_claimer = asyncio.Event()
         self._room = asyncio.Event()
         self._kick_acker = asyncio.Event()
         self._finished = asyncio.Event()  # everything acked: the refresher may end
@@ -631,6 +660,7 @@ class StreamConsumer:
 
     def _request_stop(self) -> None:
         self._stop.set()
+        self._wake_claimer.set()
         self._room.set()
         self._kick_acker.set()
 
@@ -694,6 +724,12 @@ class StreamConsumer:
                         type(exc).__name__,
                         exc,
                     )
+                if what in _DELIVERING:
+                    # The server may have delivered entries (moved them to this
+                    # consumer's pending list) and the reply was lost with the
+                    # connection: the claimer looks for them (_recover_lost).
+                    self._suspect = True
+                    self._wake_claimer.set()
                 if what == "XREADGROUP":
                     self._reader_id = None  # a new connection has a new CLIENT ID
             except redis_errors.ResponseError as exc:
@@ -731,8 +767,11 @@ class StreamConsumer:
 
     async def _read_loop(self) -> None:
         await self._read_own_pending()
+        self._own_done = True
+        self._wake_claimer.set()  # a lost reply it saw meanwhile can be looked for now
         reader = self._reader
         assert reader is not None
+        loop = asyncio.get_running_loop()
 
         async def read_new(count: int) -> Any:
             if self._reader_id is None:
@@ -740,6 +779,7 @@ class StreamConsumer:
             if self._stop.is_set():
                 return None
             self._blocked = True
+            self._reading_since = loop.time()
             try:
                 return await reader.xreadgroup(
                     self._group,
@@ -749,7 +789,9 @@ class StreamConsumer:
                     block=self._block_ms,
                 )
             finally:
+                # The entries of the reply are held before the next await.
                 self._blocked = False
+                self._reading_since = None
 
         while not self._stop.is_set():
             count = self._free()
@@ -793,7 +835,19 @@ class StreamConsumer:
     async def _claim_loop(self) -> None:
         cursor = "0-0"
         min_idle_ms = max(1, round(self._min_idle * 1000))
+        loop = asyncio.get_running_loop()
+        wake = self._wake_claimer
+        next_check = loop.time()
         while not self._stop.is_set():
+            wake.clear()
+            if self._own_done and (self._suspect or loop.time() >= next_check):
+                self._suspect = False
+                deferred = await self._retrying("XPENDING", self._recover_lost, self._stop)
+                if deferred is None:
+                    continue  # stopping
+                # Deferred: entries that may be in the reply of the read in flight;
+                # look again once it has landed.
+                next_check = loop.time() + (_RECHECK if deferred else self._claim_interval)
             count = self._free()
             if count > 0:
                 reply = await self._retrying(
@@ -819,7 +873,97 @@ class StreamConsumer:
                     await self._deliver_pending(claimed, claimed=True)
                 if cursor != "0-0" and claimed:
                     continue  # more idle entries may follow at once
-            await self._nap(self._claim_interval, self._stop)
+            pause = self._claim_interval
+            if self._own_done:
+                pause = min(pause, max(0.0, next_check - loop.time()))
+            await self._nap(pause, wake)
+
+    async def _recover_lost(self) -> bool:
+        """Take the entries of this consumer's pending list that it never received.
+
+        A command that delivers entries (``XREADGROUP``, ``XAUTOCLAIM``) moves
+        them to this consumer's pending list when the server runs it; if the
+        connection breaks before the reply arrives, the entries are ours on
+        the server and unknown here. redis-py may even resend the command by
+        itself (its own ``retry``) without telling us. Left alone they would
+        wait for ``min_idle`` and come back through ``XAUTOCLAIM`` with one
+        delivery too many (dead-lettered unprocessed on their last one).
+
+        So after such a failure, and every ``claim_interval`` anyway, compare
+        the pending list with what this consumer knows: an entry that is
+        neither held (in the batcher or waiting for its ``XACK``) nor given
+        back after a failure less than ``min_idle`` ago, and idle for less than
+        ``min_idle`` (older ones are ``XAUTOCLAIM``'s, which counts the
+        delivery), was delivered to us and lost on the way. Its idle time is
+        reset (``XCLAIM ... JUSTID``, which counts no delivery and skips an
+        entry someone else claimed meanwhile), its fields are read, and it
+        goes to the sink with the delivery count the server has.
+
+        An entry delivered since the reader sent the read now in flight may be
+        on its way in that read's reply: it is left for a second look.
+        Returns whether some were (the caller looks again shortly).
+        """
+        now = asyncio.get_running_loop().time()
+        given_back = self._given_back
+        horizon = now - self._min_idle - 1.0  # older: idle >= min_idle on the server too
+        while given_back:
+            oldest = next(iter(given_back))
+            if given_back[oldest] > horizon:
+                break
+            del given_back[oldest]
+        min_idle_ms = max(1, round(self._min_idle * 1000))
+        since = self._reading_since
+        # Idle times are whole milliseconds of the server's clock: a margin.
+        in_flight_ms = -1.0 if since is None else (now - since) * 1000 + 5
+        deferred = False
+        held = self._held
+        lost: dict[str, int] = {}  # id -> deliveries
+        floor = min_idle_ms
+        start = "-"
+        while True:
+            rows = await self._redis.xpending_range(
+                self._stream, self._group, start, "+", 1000, consumername=self._consumer
+            )
+            for row in rows:
+                entry_id = _text(row["message_id"])
+                idle = int(row["time_since_delivered"])
+                if entry_id in held or entry_id in given_back or idle >= min_idle_ms:
+                    continue
+                if idle <= in_flight_ms:
+                    deferred = True
+                    continue
+                lost[entry_id] = int(row["times_delivered"])
+                floor = min(floor, idle)
+            if len(rows) < 1000:
+                break
+            start = "(" + _text(rows[-1]["message_id"])
+        if not lost:
+            return deferred
+        ids: list[Any] = list(lost)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.xclaim(self._stream, self._group, self._consumer, floor, ids, justid=True)
+            for entry_id in ids:
+                pipe.xrange(self._stream, entry_id, entry_id, count=1)
+            replies = await pipe.execute()
+        ours = {_text(i) for i in replies[0]}
+        entries: list[StreamEntry] = []
+        for entry_id, found in zip(ids, replies[1:], strict=True):
+            if entry_id not in ours:
+                continue  # claimed by another consumer meanwhile
+            if found:
+                entries.append(StreamEntry(entry_id, found[0][1], lost[entry_id]))
+            else:
+                self._forget.append(entry_id)  # deleted from the stream meanwhile
+                self._kick_acker.set()
+        if entries:
+            logger.warning(
+                "%r: %d entries delivered to this consumer were never received "
+                "(a reply lost with its connection); taken from its pending list",
+                self,
+                len(entries),
+            )
+            self._take(entries, claimed=False)
+        return deferred
 
     async def _deliver_pending(self, found: list[tuple[Any, Any]], *, claimed: bool) -> None:
         """Entries taken from a pending list: look up their delivery counts, hand them on."""
@@ -916,7 +1060,11 @@ class StreamConsumer:
         self._kick_acker.set()
 
     def _release(self, entry_id: str) -> None:
-        self._held.pop(entry_id, None)
+        """Let go of an entry that stays pending (failed, or cut off by cancellation)."""
+        if self._held.pop(entry_id, None) is not None:
+            given_back = self._given_back
+            given_back.pop(entry_id, None)  # re-inserted: oldest first
+            given_back[entry_id] = asyncio.get_running_loop().time()
         self._room.set()
 
     # -------------------------------------------------------- acknowledging
