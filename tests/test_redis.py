@@ -381,6 +381,27 @@ async def test_a_destroyed_group_is_created_again(r: aioredis.Redis) -> None:
         await eventually(lambda: _true(c.stats.acked == 3))
 
 
+async def test_a_group_lost_with_the_data_is_created_where_it_stood(r: aioredis.Redis) -> None:
+    # A server restarted without its data: the stream and the group are gone,
+    # and writers add entries to a new stream before the consumer notices. One
+    # transaction, so the consumer cannot create the group in between. Created
+    # again at "$" (start), the group would never deliver those entries.
+    sink = Recorder()
+    c = consumer(r, sink, start="$", block=0.05)
+    async with running(c):
+        await eventually(lambda: _exists_group(r))
+        before = await add(r, 2)
+        await eventually(lambda: _true(c.stats.acked == 2))
+        async with r.pipeline(transaction=True) as pipe:
+            pipe.delete("s")
+            for n in range(3):
+                pipe.xadd("s", {"n": str(n), "after": "wipe"})
+            after = (await pipe.execute())[1:]
+        await eventually(lambda: _true(c.stats.acked == 5))
+    assert [i for i, _ in sink.seen()] == before + after
+    assert c.stats.read == 5
+
+
 async def test_an_error_that_is_not_a_connection_problem_stops_run(r: aioredis.Redis) -> None:
     await r.set("s", "not a stream")
     c = consumer(r, Recorder())

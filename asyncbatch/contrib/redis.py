@@ -389,8 +389,11 @@ class StreamConsumer:
     one redis-py resent by itself) loses nothing: after a failure, and every
     ``claim_interval``, the consumer compares its pending list on the server
     with what it holds and takes the entries it never received, with the
-    delivery count the server has. If the group disappeared (a server
-    restarted without its data) it is created again at ``start``. Other
+    delivery count the server has. If the group disappeared under a running
+    consumer (a server restarted without its data) it is created again where
+    this consumer last saw it (the group's last-delivered id when ``run()``
+    began, or the last entry read since), not at ``start``: entries writers
+    added to the new stream before the consumer noticed are delivered. Other
     errors (a wrong key type, no permission) stop the consumer: :meth:`run`
     raises them.
     """
@@ -432,6 +435,7 @@ class StreamConsumer:
         "_redelivered",
         "_redis",
         "_room",
+        "_seen",
         "_sink",
         "_start",
         "_state",
@@ -514,6 +518,9 @@ class StreamConsumer:
         # Entry id -> loop time it failed and was left pending for a later claim,
         # kept for min_idle (see _recover_lost); oldest first.
         self._given_back: dict[str, float] = {}
+        # The highest id the group delivered that this consumer knows of: where a
+        # group that vanished under it is created again (see _recreate_group).
+        self._seen: str | None = None
         self._suspect = False  # a command that delivers entries lost its reply
         self._reading_since: float | None = None  # loop time the read in flight was sent
         self._own_done = False  # the pending entries of a previous run are taken back
@@ -735,8 +742,7 @@ class StreamConsumer:
             except redis_errors.ResponseError as exc:
                 if not str(exc).startswith("NOGROUP"):
                     raise
-                logger.warning("%r: the group is gone (%s); creating it again", self, exc)
-                await self._create_group()
+                await self._recreate_group(exc)
                 continue
             else:
                 if failures:
@@ -753,15 +759,41 @@ class StreamConsumer:
 
     async def _ensure_group(self) -> None:
         await self._retrying("XGROUP CREATE", self._create_group, self._stop)
+        try:
+            groups = await self._retrying(
+                "XINFO GROUPS",
+                functools.partial(self._redis.xinfo_groups, self._stream),
+                self._stop,
+            )
+        except redis_errors.ResponseError:  # the stream was deleted meanwhile
+            groups = None
+        for group in groups or ():
+            if _text(group["name"]) == self._group:
+                self._seen = _text(group["last-delivered-id"])
 
-    async def _create_group(self) -> None:
+    async def _create_group(self, at: str | None = None) -> None:
         try:
             await self._redis.xgroup_create(
-                self._stream, self._group, id=self._start, mkstream=True
+                self._stream, self._group, id=at or self._start, mkstream=True
             )
         except redis_errors.ResponseError as exc:
             if not str(exc).startswith("BUSYGROUP"):
                 raise
+
+    async def _recreate_group(self, exc: Exception) -> None:
+        """The group vanished under a running consumer: create it where it stood.
+
+        Not at ``start``: after a server restarted without its data, writers
+        may have added entries to the new stream before this consumer noticed;
+        with ``"$"`` those would never be delivered. The group's position as
+        this consumer last saw it (its last-delivered id when ``run()`` began,
+        or the last entry read since) delivers every entry added after it (ids
+        grow with the server's clock), and replays nothing older than what
+        this consumer knows was delivered.
+        """
+        at = self._seen or self._start
+        logger.warning("%r: the group is gone (%s); creating it again at %s", self, exc, at)
+        await self._create_group(at)
 
     # -------------------------------------------------------------- reading
 
@@ -805,6 +837,7 @@ class StreamConsumer:
             entries = _read_reply(reply)
             if entries:
                 self._take([StreamEntry(_text(i), f) for i, f in entries if f], claimed=False)
+                self._seen = _text(entries[-1][0])
 
     async def _read_own_pending(self) -> None:
         """Take back what this consumer name held before a restart (``XREADGROUP 0``)."""
@@ -1131,7 +1164,7 @@ class StreamConsumer:
             except redis_errors.ResponseError as exc:
                 if not str(exc).startswith("NOGROUP"):
                     raise
-                await self._create_group()
+                await self._recreate_group(exc)
 
     async def _dead_letter_and_ack(
         self, dead: list[tuple[StreamEntry, BaseException]], ids: list[str]
