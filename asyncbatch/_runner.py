@@ -54,7 +54,10 @@ class _Runner(_Core[T, R]):
         except asyncio.CancelledError:
             closed = self._call_cancelled()
             error = closed
+            failed = self._failed
             self._deliver(batch, items, futs, extra, None, closed)
+            if not self._cancel_on_close and self._watch is not None:
+                self._cancelled_from_outside(self._failed - failed)
             raise
         except BaseException as exc:
             error = exc
@@ -62,6 +65,21 @@ class _Runner(_Core[T, R]):
             raise
         finally:
             self._finish(batch, size, start, error)
+
+    def _cancelled_from_outside(self, lost: int) -> None:
+        """A sink task was cancelled by someone else than this batcher: most often
+        ``asyncio.run`` ending (it cancels every task before the loop-end hook).
+        Its items failed; like items lost at loop end they are logged, and the
+        batcher will not move to another loop."""
+        if not lost:
+            return
+        self._lost += lost
+        _log.warning(
+            "batcher %r: a sink call with %d items was cancelled from outside (is the "
+            "event loop ending?): they fail (close the batcher before the loop ends)",
+            self._name,
+            lost,
+        )
 
     async def _run_parts(
         self,

@@ -405,3 +405,37 @@ def test_callbacks_run_while_failing_lost_items_count_each_item_once() -> None:
     assert (stats.submitted, stats.failed, stats.pending, stats.batches) == (4, 4, 0, 0)
     failed = sorted(i for r in reports for i, _ in r.failed_items)
     assert failed == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("flavour", sorted(FLAVOURS))
+def test_a_call_in_flight_when_asyncio_run_ends_is_logged_and_strands_the_batcher(
+    flavour: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # asyncio.run cancels every task (the sink's too) before its loop-end hook.
+    async def slow(items: list[int]) -> list[int]:
+        await asyncio.sleep(5)
+        return items
+
+    b: Batcher[int, int] = Batcher(slow, max_wait=0.001)
+    futs: list[asyncio.Future[int]] = []
+
+    async def main() -> None:
+        futs.append(b.submit_nowait(1))
+        await asyncio.sleep(0.05)  # in flight
+
+    with (
+        caplog.at_level(logging.WARNING, logger="asyncbatch"),
+        asyncio.Runner(loop_factory=FLAVOURS[flavour]) as runner,
+    ):
+        runner.run(main())
+    assert isinstance(futs[0].exception(), BatcherClosed)
+    warned = [r.getMessage() for r in caplog.records if "cancelled from outside" in r.getMessage()]
+    assert len(warned) == 1
+    assert "1 items" in warned[0]
+    assert (b.stats.failed, b.stats.in_flight) == (1, 0)
+
+    async def again() -> None:
+        b.put_nowait(2)
+
+    with pytest.raises(RuntimeError, match="ended with items in it"):
+        asyncio.run(again())
