@@ -843,9 +843,10 @@ class Batcher(_Overflow[T, R], _Runner[T, R], _Dispatch[T, R]):
         Raises:
             TypeError, ValueError: a value the constructor would refuse;
                 nothing is changed then.
-            BatcherClosed: the batcher is closed.
+            BatcherClosed: the batcher is closed (``aclose`` finished; while
+                it drains, ``configure`` still works).
         """
-        if self.closed:
+        if self._state is _State.CLOSED:  # (while it drains, a sink may still tune it)
             raise BatcherClosed(f"{self!r} is closed; it cannot be reconfigured")
         new_size = self._max_size if isinstance(max_size, _Unset) else max_size
         _check_int("max_size", new_size, 1)
@@ -917,7 +918,7 @@ class Batcher(_Overflow[T, R], _Runner[T, R], _Dispatch[T, R]):
         call_timeout: float | None,
     ) -> None:
         """``configure``'s effects, its values checked (see there)."""
-        if self.closed:
+        if self._state is _State.CLOSED:
             return  # closed between the check and now (configure from another thread)
         self._max_wait_setting = wait_setting
         self._max_size = new_size

@@ -9,7 +9,15 @@ from typing import Any
 
 import pytest
 
-from asyncbatch import Adaptive, Batcher, BatcherClosed, DataLoader, QueueFull, batch
+from asyncbatch import (
+    Adaptive,
+    Batcher,
+    BatcherClosed,
+    BatchReport,
+    DataLoader,
+    QueueFull,
+    batch,
+)
 
 from .conftest import FLAVOURS
 from .support import RecordingSink, settle
@@ -544,3 +552,24 @@ async def test_a_call_timed_out_says_the_timeout_it_started_with() -> None:
     with pytest.raises(TimeoutError, match=r"did not answer within 1\.0 s"):
         await task
     await b.aclose()
+
+
+async def test_configure_works_while_aclose_drains_and_not_after() -> None:
+    holder: list[Batcher[int, int]] = []
+
+    async def sink(items: list[int]) -> list[int]:
+        await asyncio.sleep(0.01)
+        holder[0].configure(max_concurrency=2)  # e.g. the backend allows more
+        return items
+
+    def on_batch(report: BatchReport) -> None:
+        holder[0].configure(max_size=max(1, report.size // 2))
+
+    b = Batcher(sink, max_size=4, max_wait=0.01, on_batch=on_batch)
+    holder.append(b)
+    futs = [b.submit_nowait(i) for i in range(8)]
+    await asyncio.sleep(0)
+    await b.aclose()
+    assert [f.result() for f in futs] == list(range(8))
+    with pytest.raises(BatcherClosed, match="cannot be reconfigured"):
+        b.configure(max_size=3)
