@@ -331,6 +331,51 @@ async def test_a_restarted_consumer_resumes_where_the_group_stands(r: aioredis.R
     assert c2.stats.redelivered == 2
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"protocol": 2},
+        {"protocol": 3},  # XREADGROUP: {stream: [[entries]]}
+        {"protocol": 3, "legacy_responses": False},  # {stream: entries}
+        {"protocol": 2, "legacy_responses": False},
+        {"protocol": 3, "decode_responses": True},
+    ],
+    ids=["resp2", "resp3", "resp3-unified", "resp2-unified", "resp3-str"],
+)
+async def test_every_reply_shape_of_redis_py(
+    server: RedisServer, r: aioredis.Redis, options: dict[str, Any]
+) -> None:
+    # Each way of reading: its own pending entries (XREADGROUP 0), a dead
+    # consumer's (XAUTOCLAIM), new ones (XREADGROUP >), a lost reply's
+    # (XPENDING, XCLAIM, XRANGE). RESP3 shapes XREADGROUP's reply differently.
+    client = aioredis.Redis(port=server.port, **options)
+    ids = await add(r, 9)
+    await r.xgroup_create("s", "g", id="0")
+    await r.xreadgroup("g", "c1", {"s": ">"}, count=2)  # its own, from a previous run
+    await r.xreadgroup("g", "dead", {"s": ">"}, count=2)  # claimed after min_idle
+    sink = Recorder()
+    # min_idle well above block: the lost entry is recovered (1st delivery), not claimed.
+    c = consumer(client, sink, "c1", min_idle=0.5, claim_interval=0.05)
+    try:
+        async with running(c):
+            await eventually(lambda: _true(c.stats.acked == 9))
+            # One more, delivered to c1 by a read whose reply c1 never sees (one
+            # transaction: its own reader cannot take it first).
+            async with r.pipeline(transaction=True) as pipe:
+                pipe.xadd("s", {"n": "lost"})
+                pipe.xreadgroup("g", "c1", {"s": ">"}, count=1)
+                lost = (await pipe.execute())[0]
+            await eventually(lambda: _true(c.stats.acked == 10))
+    finally:
+        await client.aclose()
+    seen = dict(sink.seen())
+    assert sorted(seen) == sorted([*ids, lost])
+    assert all(isinstance(i, str) for i in seen)
+    assert [seen[i] for i in [*ids, lost]] == [2, 2, 2, 2, 1, 1, 1, 1, 1, 1]
+    assert all(isinstance(e.fields, dict) and e.fields for call in sink.calls for e in call)
+    assert await pending(r) == 0
+
+
 async def test_deleted_pending_entries_are_dropped_from_the_pending_list(
     r: aioredis.Redis,
 ) -> None:

@@ -51,7 +51,7 @@ import functools
 import logging
 import math
 import random
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeAlias, TypeVar, cast
 
@@ -1268,12 +1268,35 @@ def _dead_fields(entry: StreamEntry, error: BaseException) -> dict[Any, Any]:
     return fields
 
 
-def _read_reply(reply: Any) -> list[tuple[Any, Any]]:
-    """``XREADGROUP``'s entries: RESP2 ``[[stream, entries]]`` or RESP3 ``{stream: entries}``."""
+def _read_reply(reply: Any) -> list[Any]:
+    """``XREADGROUP``'s entries, ``[(id, fields), ...]``, in every shape redis-py gives.
+
+    ``[[stream, entries]]`` (RESP2, and RESP3 with ``legacy_responses``, the
+    default), ``{stream: [entries]}`` (``protocol=3`` asked for explicitly) and
+    ``{stream: entries}`` (``legacy_responses=False``). With one stream (ours)
+    the client's own list is returned, not a copy.
+    """
     if not reply:
         return []
-    streams: Iterable[Any] = reply.values() if isinstance(reply, dict) else (s[1] for s in reply)
-    return [(e[0], e[1]) for entries in streams for e in entries]
+    if isinstance(reply, dict):
+        streams = [_unwrap(entries) for entries in reply.values()]
+    else:
+        streams = [stream[1] for stream in reply]
+    if len(streams) == 1:
+        return cast("list[Any]", streams[0] or [])
+    return [entry for entries in streams for entry in entries or ()]
+
+
+def _unwrap(entries: Any) -> Any:
+    """``[[(id, fields), ...]]`` -> ``[(id, fields), ...]``; anything else as it is."""
+    if (
+        isinstance(entries, list)
+        and len(entries) == 1
+        and isinstance(entries[0], list)
+        and (not entries[0] or isinstance(entries[0][0], list | tuple))
+    ):
+        return entries[0]
+    return entries
 
 
 def _autoclaim_reply(reply: Any) -> tuple[str, list[tuple[Any, Any]], list[str]]:
