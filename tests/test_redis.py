@@ -16,7 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from asyncbatch import Batcher, BatchReport, Retry
+from asyncbatch import Batcher, BatchReport, Retry, Retryable
 from asyncbatch.contrib.redis import (
     ConsumerStats,
     DeliveryLimitExceeded,
@@ -260,6 +260,60 @@ async def test_entries_retried_within_one_delivery_are_acked_once(r: aioredis.Re
         await eventually(lambda: _true(c.stats.acked == 5))
     assert tries == [5, 5]
     assert c.stats.failed == 0
+
+
+async def test_every_entry_is_settled_once_whatever_order_batches_end_in(
+    r: aioredis.Redis,
+) -> None:
+    # Entries are settled in bulk, per sink call and per read (not one callback
+    # each): batches that end out of order, retried items, an isolated poison
+    # batch and timed-out calls must still settle each entry exactly once.
+    ids = await add(r, 240)
+    slow = set(ids[::7])
+    timed_out = ids[100]
+    poison = ids[150]
+    seen: list[str] = []
+    once = {timed_out}
+    again = {ids[3], ids[200]}  # answered Retryable once: retried alone
+
+    async def sink(entries: list[StreamEntry]) -> list[object]:
+        await asyncio.sleep(0.05 if slow & {e.id for e in entries} else 0.001)
+        if timed_out in once and any(e.id == timed_out for e in entries):
+            once.clear()
+            await asyncio.sleep(1)  # past the timeout: the call is cancelled, then retried
+        if any(e.id == poison for e in entries):
+            raise ValueError("poison in batch")
+        answers: list[object] = []
+        for e in entries:
+            if e.id in again:
+                again.discard(e.id)
+                answers.append(Retryable(ValueError("again")))
+            else:
+                seen.append(e.id)
+                answers.append(e.id)
+        return answers
+
+    c = consumer(
+        r,
+        sink,
+        max_size=7,
+        max_concurrency=4,
+        min_idle=30.0,
+        max_deliveries=1,
+        dead_letter="dead",
+        timeout=0.3,
+        retry=Retry(attempts=3, backoff=0, isolate=True),
+    )
+    async with running(c):
+        await eventually(lambda: _true(c.stats.acked + c.stats.dead_lettered == 240))
+    assert c.stats.acked == 239
+    assert c.stats.dead_lettered == 1
+    assert c.stats.in_flight == 0
+    assert sorted(seen) == sorted(set(ids) - {poison})  # each once
+    assert not again
+    assert not once
+    assert [f["source_id"] for _, f in await xrange(r, "dead")] == [poison]
+    assert await pending(r) == 0
 
 
 # -- claims -------------------------------------------------------------------------------

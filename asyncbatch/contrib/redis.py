@@ -428,6 +428,7 @@ class StreamConsumer:
         "_min_idle",
         "_name",
         "_own_done",
+        "_pending",
         "_read",
         "_reader",
         "_reader_id",
@@ -515,6 +516,8 @@ class StreamConsumer:
         self._acks: list[str] = []  # succeeded, waiting for the acker
         self._dead: list[tuple[StreamEntry, BaseException]] = []  # for the dead-letter stream
         self._forget: list[str] = []  # deleted from the stream: acknowledged, not counted
+        # Entry id -> (entry, its batcher future): submitted, not settled yet.
+        self._pending: dict[str, tuple[StreamEntry, asyncio.Future[Any]]] = {}
         # Entry id -> loop time it failed and was left pending for a later claim,
         # kept for min_idle (see _recover_lost); oldest first.
         self._given_back: dict[str, float] = {}
@@ -836,7 +839,7 @@ class StreamConsumer:
             )
             entries = _read_reply(reply)
             if entries:
-                self._take([StreamEntry(_text(i), f) for i, f in entries if f], claimed=False)
+                self._take_new(entries)
                 self._seen = _text(entries[-1][0])
 
     async def _read_own_pending(self) -> None:
@@ -1032,65 +1035,139 @@ class StreamConsumer:
 
     def _take(self, entries: list[StreamEntry], *, claimed: bool) -> None:
         """Hold the entries and submit them to the batcher (or dead-letter them)."""
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = asyncio.get_running_loop().time()
         held = self._held
+        pending = self._pending
         submit = self._batcher.submit_nowait
-        settle = self._settle
         limit = self._max_deliveries
+        submitted: list[StreamEntry] = []
+        taken = redelivered = 0
         for entry in entries:
             if entry.id in held:
                 # Ours already (an XAUTOCLAIM of our own entry whose refresh
                 # came late): it is in the batcher; only its idle time changed.
                 continue
             held[entry.id] = now
-            self._read += 1
+            taken += 1
             if entry.deliveries > 1:
-                self._redelivered += 1
-            if claimed:
-                self._claimed += 1
-            if limit is not None and entry.deliveries > limit:
-                # Delivered max_deliveries times and never answered: whatever
-                # held it died on it. Do not feed it to the sink again.
-                self._dead.append(
-                    (
-                        entry,
-                        DeliveryLimitExceeded(
-                            f"entry {entry.id} was delivered {entry.deliveries - 1} times "
-                            f"without an answer (max_deliveries={limit}); the consumers "
-                            "holding it stopped while processing it"
-                        ),
+                redelivered += 1
+                if limit is not None and entry.deliveries > limit:
+                    # Delivered max_deliveries times and never answered: whatever
+                    # held it died on it. Do not feed it to the sink again.
+                    self._dead.append(
+                        (
+                            entry,
+                            DeliveryLimitExceeded(
+                                f"entry {entry.id} was delivered {entry.deliveries - 1} "
+                                f"times without an answer (max_deliveries={limit}); the "
+                                "consumers holding it stopped while processing it"
+                            ),
+                        )
                     )
-                )
-                self._kick_acker.set()
+                    self._kick_acker.set()
+                    continue
+            pending[entry.id] = (entry, submit(entry))
+            submitted.append(entry)
+        self._read += taken
+        self._redelivered += redelivered
+        if claimed:
+            self._claimed += taken
+        self._watch(submitted)
+
+    def _take_new(self, found: list[Any]) -> None:
+        """Entries of an ``XREADGROUP >`` reply (first deliveries): hold and submit them.
+
+        The hot path, once per read: it builds the entries itself and counts
+        in bulk. ``found`` is ``[(id, fields), ...]`` as the client parsed it.
+        """
+        now = asyncio.get_running_loop().time()
+        held = self._held
+        pending = self._pending
+        submit = self._batcher.submit_nowait
+        submitted: list[StreamEntry] = []
+        append = submitted.append
+        for raw_id, fields in found:
+            entry_id = raw_id.decode() if type(raw_id) is bytes else str(raw_id)
+            if entry_id in held or not fields:
+                continue  # see _take; no fields: deleted meanwhile (never for ">")
+            held[entry_id] = now
+            entry = _new_entry(StreamEntry)
+            _set_id(entry, entry_id)
+            _set_fields(entry, fields)
+            _set_deliveries(entry, 1)
+            pending[entry_id] = (entry, submit(entry))
+            append(entry)
+        self._read += len(submitted)
+        self._watch(submitted)
+
+    # Settling: an entry's outcome is its batcher future's. Rather than one
+    # callback per entry (a Handle and a call each, the largest per-entry cost),
+    # entries are settled in bulk: when a sink call's last future is done (the
+    # batcher resolves a call's futures together), and, as the guarantee, when
+    # the last future of what one read submitted is done (entries not done by
+    # then are watched again). Every future is resolved in the end (closing the
+    # batcher resolves the rest), so every entry is settled, exactly once: the
+    # first _collect that finds it done takes it out of _pending.
+
+    def _watch(self, entries: list[StreamEntry], *, again: bool = True) -> None:
+        """Collect ``entries`` once the future of the last one is done."""
+        if entries:
+            pair = self._pending.get(entries[-1].id)
+            if pair is not None and pair[0] is entries[-1]:
+                pair[1].add_done_callback(functools.partial(self._collect, entries, again))
+
+    def _collect(self, entries: list[StreamEntry], again: bool, _: object = None) -> None:
+        """Settle those of ``entries`` whose results are in; with ``again`` watch the rest."""
+        pending = self._pending
+        acks = self._acks
+        before = len(acks)
+        waiting: list[StreamEntry] = []
+        for entry in entries:
+            pair = pending.get(entry.id)
+            if pair is None or pair[0] is not entry:
+                continue  # settled already (and maybe delivered again since)
+            fut = pair[1]
+            if not fut.done():
+                waiting.append(entry)
                 continue
-            submit(entry).add_done_callback(functools.partial(settle, entry))
+            del pending[entry.id]
+            if fut.cancelled():
+                self._settle(entry, None)
+                continue
+            exc = fut.exception()
+            if exc is None:
+                acks.append(entry.id)
+            else:
+                self._settle(entry, exc)
+        if len(acks) != before:
+            self._kick_acker.set()
+        if again:
+            self._watch(waiting)
+
+    def _settle(self, entry: StreamEntry, exc: BaseException | None) -> None:
+        """A failed entry (``exc``) or one cut off (``None``): dead-letter or give back."""
+        if self._aborting and (exc is None or isinstance(exc, BatcherClosed)):
+            self._release(entry.id)  # cut off by cancellation, not failed: stays pending
+            return
+        if exc is None:  # pragma: no cover - only an aborting consumer's batcher cancels
+            exc = asyncio.CancelledError()
+        self._failed += 1
+        limit = self._max_deliveries
+        if limit is None or entry.deliveries < limit:
+            # Stays in the pending list, unrefreshed: claimed again once idle.
+            self._release(entry.id)
+            return
+        self._dead.append((entry, exc))
+        self._kick_acker.set()
 
     async def _call_sink(self, entries: list[StreamEntry]) -> SinkResult[Any]:
+        mine = entries.copy()  # the sink owns its list (it may drain it)
         token = _current_consumer.set(self)
         try:
             return await self._sink(entries)
         finally:
             _current_consumer.reset(token)
-
-    def _settle(self, entry: StreamEntry, fut: asyncio.Future[Any]) -> None:
-        """An entry's outcome: acknowledge, dead-letter, or give back."""
-        exc = None if fut.cancelled() else fut.exception()
-        if exc is None and not fut.cancelled():
-            self._acks.append(entry.id)
-        elif self._aborting and (fut.cancelled() or isinstance(exc, BatcherClosed)):
-            self._release(entry.id)  # cut off by cancellation, not failed: stays pending
-            return
-        else:
-            assert exc is not None
-            self._failed += 1
-            limit = self._max_deliveries
-            if limit is None or entry.deliveries < limit:
-                # Stays in the pending list, unrefreshed: claimed again once idle.
-                self._release(entry.id)
-                return
-            self._dead.append((entry, exc))
-        self._kick_acker.set()
+            self._watch(mine, again=False)  # settled as soon as this call's results are in
 
     def _release(self, entry_id: str) -> None:
         """Let go of an entry that stays pending (failed, or cut off by cancellation)."""
@@ -1150,7 +1227,8 @@ class StreamConsumer:
                 if dead:
                     await self._dead_letter_and_ack(dead, ids)
                 else:
-                    await self._redis.xack(self._stream, self._group, *ids)
+                    # bytes: the client's encoder takes them as they are (per id)
+                    await self._redis.xack(self._stream, self._group, *[i.encode() for i in ids])
                 return
             except CONNECTION_ERRORS as exc:
                 self._connection_errors += 1
@@ -1243,6 +1321,14 @@ class StreamConsumer:
 
 def _entry_id(entry: StreamEntry) -> str:
     return entry.id
+
+
+# A StreamEntry without its dataclass __init__ (which sets each field of a frozen
+# dataclass through object.__setattr__): a third of the cost, on the hot path.
+_new_entry = object.__new__
+_set_id = cast(Any, StreamEntry).id.__set__
+_set_fields = cast(Any, StreamEntry).fields.__set__
+_set_deliveries = cast(Any, StreamEntry).deliveries.__set__
 
 
 def _text(value: object) -> str:
