@@ -119,10 +119,16 @@ class RedisServer:
     def restart(self, downtime: float = 0.0) -> None:
         """Save, stop, wait ``downtime`` seconds, start again on the same port and data."""
         assert self.proc is not None
+        keys = self.command("DBSIZE")
         self.command("SHUTDOWN", "SAVE")
         self.proc.wait(timeout=30)
         time.sleep(downtime)
         self.start()
+        # The point is a restart that keeps the data: check it did.
+        after = self.command("DBSIZE")
+        if keys is not None and after is not None and after != keys:
+            log = (self.dir / "redis.log").read_text(errors="replace")
+            raise RuntimeError(f"restart lost data: DBSIZE {keys} before, {after} after\n{log}")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
