@@ -280,7 +280,7 @@ async def test_every_entry_is_settled_once_whatever_order_batches_end_in(
         await asyncio.sleep(0.05 if slow & {e.id for e in entries} else 0.001)
         if timed_out in once and any(e.id == timed_out for e in entries):
             once.clear()
-            await asyncio.sleep(1)  # past the timeout: the call is cancelled, then retried
+            await asyncio.sleep(2)  # past the timeout: the call is cancelled, then retried
         if any(e.id == poison for e in entries):
             raise ValueError("poison in batch")
         answers: list[object] = []
@@ -301,7 +301,7 @@ async def test_every_entry_is_settled_once_whatever_order_batches_end_in(
         min_idle=30.0,
         max_deliveries=1,
         dead_letter="dead",
-        timeout=0.3,
+        timeout=0.5,
         retry=Retry(attempts=3, backoff=0, isolate=True),
     )
     async with running(c):
@@ -409,7 +409,7 @@ async def test_every_reply_shape_of_redis_py(
     await r.xreadgroup("g", "dead", {"s": ">"}, count=2)  # claimed after min_idle
     sink = Recorder()
     # min_idle well above block: the lost entry is recovered (1st delivery), not claimed.
-    c = consumer(client, sink, "c1", min_idle=0.5, claim_interval=0.05)
+    c = consumer(client, sink, "c1", min_idle=1.0, claim_interval=0.05)
     try:
         async with running(c):
             await eventually(lambda: _true(c.stats.acked == 9))
