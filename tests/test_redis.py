@@ -522,7 +522,9 @@ async def test_a_dead_letter_key_of_the_wrong_type_stops_run(r: aioredis.Redis) 
 
 
 async def test_stop_interrupts_a_blocked_read(r: aioredis.Redis) -> None:
-    c = consumer(r, Recorder(), block=20.0)
+    # A socket timeout longer than the block (redis-py 8's default is 5 s).
+    slow = aioredis.Redis(port=r.connection_pool.connection_kwargs["port"], socket_timeout=30)
+    c = consumer(slow, Recorder(), block=20.0)
     task = asyncio.create_task(c.run())
     await eventually(lambda: _exists_group(r))
     await asyncio.sleep(0.1)
@@ -530,6 +532,7 @@ async def test_stop_interrupts_a_blocked_read(r: aioredis.Redis) -> None:
     await c.stop()
     assert time.monotonic() - started < 2.0
     await task
+    await slow.aclose()
     await c.stop()  # idempotent
     assert "[stopped]" in repr(c)
     with pytest.raises(RuntimeError, match="only once"):

@@ -51,13 +51,16 @@ import functools
 import logging
 import math
 import random
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeAlias, TypeVar, cast
 
 try:
+    import redis as sync_redis
     import redis.asyncio as aioredis
     import redis.exceptions as redis_errors
+    from redis.client import NEVER_DECODE
 except ImportError as exc:  # pragma: no cover - the test extra installs redis
     raise ImportError(
         "asyncbatch.contrib.redis needs redis-py: install the redis extra, "
@@ -66,6 +69,7 @@ except ImportError as exc:  # pragma: no cover - the test extra installs redis
 
 from .._batcher import Batcher, Overflow, SinkResult
 from .._exceptions import AsyncBatchError, BatcherClosed
+from .._options import _check_sink
 from .._retry import Retry
 from .._stats import BatcherStats, BatchReport
 
@@ -118,7 +122,8 @@ class StreamEntry:
         id: the entry id (``"1718000000000-0"``), always a ``str``. Stable
             across deliveries: the natural idempotency key.
         fields: the entry's fields as the client returns them: ``bytes``
-            names and values, or ``str`` with ``decode_responses=True``.
+            names and values, or ``str`` with ``decode_responses=True`` (an
+            entry that cannot be decoded fails without reaching the sink).
         deliveries: how many times the group has delivered this entry, this
             delivery included (``1`` the first time; more after a failure or
             a crashed consumer).
@@ -222,6 +227,7 @@ class StreamWriter(Batcher[Fields, str]):
         on_batch: Callable[[BatchReport], object] | None = None,
         name: str | None = None,
     ) -> None:
+        _check_client(redis)
         _check_name("stream", stream)
         if maxlen is not None:
             _check_count("maxlen", maxlen, 0)
@@ -341,8 +347,14 @@ class StreamConsumer:
 
     Args:
         redis: a ``redis.asyncio.Redis`` client (not closed by the consumer).
-            The reader holds one connection of its pool for itself. Give the
-            client a ``socket_timeout`` longer than ``block`` if you set one.
+            The reader holds one connection of its pool for itself. Its
+            ``socket_timeout`` must be longer than ``block`` (redis-py 8 sets
+            5 s by default; ``ValueError`` otherwise: every idle read would
+            time out). With ``decode_responses=True`` the fields are decoded
+            entry by entry: an entry that cannot be decoded (binary data from
+            another writer) never reaches the sink; it fails with its
+            ``UnicodeDecodeError`` like an entry the sink failed (delivered
+            again, then dead-lettered with its fields as bytes).
         stream: the stream's key.
         group: the consumer group; created at ``start`` (with ``MKSTREAM``) if
             missing. An existing group is used as it is.
@@ -416,6 +428,7 @@ class StreamConsumer:
         "_dead_lettered",
         "_done",
         "_drained",
+        "_encoding",
         "_failed",
         "_fatal",
         "_finished",
@@ -429,6 +442,7 @@ class StreamConsumer:
         "_name",
         "_own_done",
         "_pending",
+        "_raw",
         "_read",
         "_reader",
         "_reader_id",
@@ -468,19 +482,31 @@ class StreamConsumer:
         on_batch: Callable[[BatchReport], object] | None = None,
         name: str | None = None,
     ) -> None:
+        _check_client(redis)
         for what, value in (("stream", stream), ("group", group), ("consumer", consumer)):
             _check_name(what, value)
-        _check_name("start", start)
+        _check_start(start)
         if not callable(sink):
             raise TypeError(f"sink must be an async callable, got {sink!r}")
+        if _check_sink(sink):
+            raise TypeError(
+                f"sink {sink!r} is an async generator (a streaming sink); a StreamConsumer "
+                "sink returns its answers: `async def sink(entries): return [...]`"
+            )
         _check_seconds("min_idle", min_idle)
         _check_seconds("block", block)
+        _check_socket_timeout(redis, block)
         if claim_interval is not None:
             _check_seconds("claim_interval", claim_interval)
         if max_deliveries is not None:
             _check_count("max_deliveries", max_deliveries, 1)
         if dead_letter is not None:
             _check_name("dead_letter", dead_letter)
+            if dead_letter == stream:
+                raise ValueError(
+                    f"dead_letter must be another stream than stream={stream!r}: its dead "
+                    "letters would be read again as new entries, failing again for ever"
+                )
         _check_count("max_size", max_size, 1)
         _check_count("max_concurrency", max_concurrency, 1)
         self._redis = redis
@@ -494,6 +520,11 @@ class StreamConsumer:
         self._dead_letter = dead_letter if dead_letter is not None else f"{stream}:dead"
         self._start = start
         self._block_ms = max(1, round(block * 1000))
+        # A client that decodes replies gets the entries' fields undecoded and
+        # decodes them here, entry by entry: an entry it cannot decode (binary
+        # data written by another client) fails alone instead of the whole reply.
+        self._encoding = _decoding_of(redis)
+        self._raw: Any = _Undecoded(redis) if self._encoding is not None else redis
         self._claim_interval = self._min_idle / 2 if claim_interval is None else claim_interval
         self._capacity = max_size * (max_concurrency + 1)
         # The Batcher validates the remaining options now, not at run().
@@ -806,6 +837,7 @@ class StreamConsumer:
         self._wake_claimer.set()  # a lost reply it saw meanwhile can be looked for now
         reader = self._reader
         assert reader is not None
+        fetch: Any = reader if self._encoding is None else _Undecoded(reader)
         loop = asyncio.get_running_loop()
 
         async def read_new(count: int) -> Any:
@@ -816,7 +848,7 @@ class StreamConsumer:
             self._blocked = True
             self._reading_since = loop.time()
             try:
-                return await reader.xreadgroup(
+                return await fetch.xreadgroup(
                     self._group,
                     self._consumer,
                     {self._stream: ">"},
@@ -854,7 +886,7 @@ class StreamConsumer:
             reply = await self._retrying(
                 "XREADGROUP",
                 functools.partial(
-                    self._redis.xreadgroup,
+                    self._raw.xreadgroup,
                     self._group,
                     self._consumer,
                     {self._stream: cursor},
@@ -889,7 +921,7 @@ class StreamConsumer:
                 reply = await self._retrying(
                     "XAUTOCLAIM",
                     functools.partial(
-                        self._redis.xautoclaim,
+                        self._raw.xautoclaim,
                         self._stream,
                         self._group,
                         self._consumer,
@@ -978,8 +1010,9 @@ class StreamConsumer:
         ids: list[Any] = list(lost)
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.xclaim(self._stream, self._group, self._consumer, floor, ids, justid=True)
+            fetch: Any = pipe if self._encoding is None else _Undecoded(pipe)
             for entry_id in ids:
-                pipe.xrange(self._stream, entry_id, entry_id, count=1)
+                fetch.xrange(self._stream, entry_id, entry_id, count=1)
             replies = await pipe.execute()
         ours = {_text(i) for i in replies[0]}
         entries: list[StreamEntry] = []
@@ -1040,6 +1073,7 @@ class StreamConsumer:
         pending = self._pending
         submit = self._batcher.submit_nowait
         limit = self._max_deliveries
+        encoding = self._encoding
         submitted: list[StreamEntry] = []
         taken = redelivered = 0
         for entry in entries:
@@ -1066,6 +1100,14 @@ class StreamConsumer:
                     )
                     self._kick_acker.set()
                     continue
+            if encoding is not None:
+                try:
+                    entry = StreamEntry(
+                        entry.id, _decoded(entry.fields, encoding), entry.deliveries
+                    )
+                except UnicodeDecodeError as exc:
+                    self._undecodable(entry, exc)
+                    continue
             pending[entry.id] = (entry, submit(entry))
             submitted.append(entry)
         self._read += taken
@@ -1084,21 +1126,43 @@ class StreamConsumer:
         held = self._held
         pending = self._pending
         submit = self._batcher.submit_nowait
+        encoding = self._encoding
         submitted: list[StreamEntry] = []
         append = submitted.append
+        undecodable = 0
         for raw_id, fields in found:
             entry_id = raw_id.decode() if type(raw_id) is bytes else str(raw_id)
             if entry_id in held or not fields:
                 continue  # see _take; no fields: deleted meanwhile (never for ">")
             held[entry_id] = now
+            if encoding is not None:
+                try:
+                    fields = _decoded(fields, encoding)
+                except UnicodeDecodeError as exc:
+                    self._undecodable(StreamEntry(entry_id, fields), exc)
+                    undecodable += 1
+                    continue
             entry = _new_entry(StreamEntry)
             _set_id(entry, entry_id)
             _set_fields(entry, fields)
             _set_deliveries(entry, 1)
             pending[entry_id] = (entry, submit(entry))
             append(entry)
-        self._read += len(submitted)
+        self._read += len(submitted) + undecodable
         self._watch(submitted)
+
+    def _undecodable(self, entry: StreamEntry, exc: UnicodeDecodeError) -> None:
+        """A held entry whose fields the client cannot decode fails without the sink."""
+        encoding = self._encoding
+        logger.warning(
+            "%r: entry %s cannot be decoded as %s (%s); it fails without reaching the "
+            "sink (its fields are kept as bytes if it is dead-lettered)",
+            self,
+            entry.id,
+            encoding[0] if encoding is not None else "text",
+            exc,
+        )
+        self._settle(entry, exc)
 
     # Settling: an entry's outcome is its batcher future's. Rather than one
     # callback per entry (a Handle and a call each, the largest per-entry cost),
@@ -1323,6 +1387,46 @@ def _entry_id(entry: StreamEntry) -> str:
     return entry.id
 
 
+def _decoding_of(redis: object) -> tuple[str, str] | None:
+    """``(encoding, errors)`` of a client that decodes replies; ``None`` if it does not."""
+    pool = getattr(redis, "connection_pool", None)
+    kwargs = getattr(pool, "connection_kwargs", None)
+    if not isinstance(kwargs, dict) or not kwargs.get("decode_responses"):
+        return None
+    return str(kwargs.get("encoding", "utf-8")), str(kwargs.get("encoding_errors", "strict"))
+
+
+def _decoded(fields: Mapping[Any, Any], encoding: tuple[str, str]) -> dict[Any, Any]:
+    """Fields read undecoded, decoded as the client would have (may raise UnicodeDecodeError)."""
+    return {
+        (k.decode(*encoding) if isinstance(k, bytes) else k): (
+            v.decode(*encoding) if isinstance(v, bytes) else v
+        )
+        for k, v in fields.items()
+    }
+
+
+class _Undecoded:
+    """A client or pipeline whose entry-reading commands return bytes (``NEVER_DECODE``).
+
+    redis-py's command methods only build the arguments and call
+    ``execute_command``; this one adds the option that skips decoding.
+    """
+
+    __slots__ = ("_client",)
+
+    xreadgroup: Any = cast(Any, aioredis.Redis).xreadgroup
+    xautoclaim: Any = cast(Any, aioredis.Redis).xautoclaim
+    xrange: Any = cast(Any, aioredis.Redis).xrange
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        options[NEVER_DECODE] = True
+        return self._client.execute_command(*args, **options)
+
+
 # A StreamEntry without its dataclass __init__ (which sets each field of a frozen
 # dataclass through object.__setattr__): a third of the cost, on the hot path.
 _new_entry = object.__new__
@@ -1403,6 +1507,37 @@ async def _quietly(awaitable: Awaitable[Any]) -> None:
 def _check_name(what: str, value: object) -> None:
     if not isinstance(value, str) or not value:
         raise TypeError(f"{what} must be a non-empty str, got {value!r}")
+
+
+def _check_client(redis: object) -> None:
+    if redis is None or isinstance(redis, sync_redis.Redis | sync_redis.RedisCluster):
+        what = "None" if redis is None else f"the synchronous {type(redis).__qualname__}"
+        raise TypeError(f"redis must be a redis.asyncio.Redis client, got {what}")
+
+
+def _check_socket_timeout(redis: object, block: float) -> None:
+    """The reader blocks ``block`` seconds in XREADGROUP: the socket must wait longer."""
+    pool = getattr(redis, "connection_pool", None)
+    kwargs = getattr(pool, "connection_kwargs", None)
+    timeout = kwargs.get("socket_timeout") if isinstance(kwargs, dict) else None
+    if isinstance(timeout, int | float) and timeout <= block:
+        raise ValueError(
+            f"the client's socket_timeout={timeout!r} is not longer than block={block!r}: "
+            "every idle XREADGROUP BLOCK would time out and reconnect; pass a smaller "
+            "block (or a longer socket_timeout, or none)"
+        )
+
+
+_STREAM_ID = re.compile(r"\d+(-\d+)?")
+
+
+def _check_start(start: object) -> None:
+    _check_name("start", start)
+    if start != "$" and not _STREAM_ID.fullmatch(cast(str, start)):
+        raise ValueError(
+            f'start must be "$" (new entries only), "0" (the whole stream) or an entry id '
+            f'such as "1718000000000-0", got {start!r}'
+        )
 
 
 def _check_count(what: str, value: object, minimum: int) -> None:

@@ -1,0 +1,159 @@
+"""asyncbatch.contrib.redis attacked: misuse, odd entries, hostile timing.
+
+Each test here failed before the fix it names (see the git log) and guards it
+since. Real server on 127.0.0.1 (see redis_server.py); times are real, with
+margins for a loaded machine of two shared cores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from asyncbatch.contrib.redis import StreamConsumer, StreamEntry, StreamWriter
+
+from .redis_server import RedisServer
+from .test_redis import Recorder, consumer, eventually, pending, running
+
+pytestmark = [pytest.mark.realtime, pytest.mark.timeout(60)]
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    with RedisServer() as srv:
+        yield srv
+
+
+@pytest.fixture
+async def r(server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis(port=server.port, decode_responses=True)
+    await client.flushall()
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def raw(server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    """A client that does not decode (bytes in, bytes out)."""
+    client = aioredis.Redis(port=server.port)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+# -- options refused at construction, not at run() (or never) ---------------------------
+
+
+def test_misconfigurations_are_refused_at_construction(server: RedisServer) -> None:
+    r = aioredis.Redis(port=server.port)
+
+    async def sink(entries: list[StreamEntry]) -> None:
+        return None
+
+    def make(client: Any = r, **kw: Any) -> StreamConsumer:
+        base: dict[str, Any] = {"stream": "s", "group": "g", "consumer": "c", "sink": sink}
+        return StreamConsumer(client, **{**base, **kw})
+
+    # A plain function: every entry failed with "can't be used in 'await'
+    # expression" and was dead-lettered after max_deliveries.
+    def plain(entries: list[StreamEntry]) -> None:
+        return None
+
+    with pytest.raises(TypeError, match="plain function"):
+        make(sink=plain)
+
+    async def streaming(entries: list[StreamEntry]) -> AsyncIterator[int]:
+        yield 1
+
+    with pytest.raises(TypeError, match="async generator"):
+        make(sink=streaming)
+    # Dead letters written to the stream itself were read again as new entries.
+    with pytest.raises(ValueError, match="dead_letter must be another stream"):
+        make(dead_letter="s")
+    # run() failed with "Invalid stream ID" from XGROUP CREATE.
+    with pytest.raises(ValueError, match='start must be "\\$"'):
+        make(start="latest")
+    for good in ("$", "0", "0-0", "1718000000000-5", "1718000000000"):
+        make(start=good)
+    # A synchronous client: run() failed with "object bool can't be used in 'await'".
+    with pytest.raises(TypeError, match=r"redis\.asyncio\.Redis client, got the synchronous"):
+        make(redis.Redis(port=server.port))
+    with pytest.raises(TypeError, match=r"redis\.asyncio\.Redis client, got None"):
+        make(None)
+    with pytest.raises(TypeError, match=r"redis\.asyncio\.Redis client"):
+        StreamWriter(redis.Redis(port=server.port), stream="s")  # type: ignore[arg-type]
+    # A socket timeout not longer than the block: every idle read timed out,
+    # reconnected and was resent (redis-py 8 sets socket_timeout=5 by default,
+    # so block=5 or more was enough).
+    with pytest.raises(ValueError, match="socket_timeout=5 is not longer than block=5"):
+        make(block=5)
+    with pytest.raises(ValueError, match=r"socket_timeout=0\.5 is not longer than block=1\.0"):
+        make(aioredis.Redis(port=server.port, socket_timeout=0.5))
+    make(aioredis.Redis(port=server.port, socket_timeout=None), block=30)
+    make(block=4.5)
+
+
+# -- entries the client cannot decode -----------------------------------------------------
+
+
+async def test_an_entry_a_decoding_client_cannot_decode_fails_alone(
+    r: aioredis.Redis, raw: aioredis.Redis
+) -> None:
+    # Another writer added binary data. A decode_responses=True client raised
+    # UnicodeDecodeError parsing the whole XREADGROUP reply: run() stopped,
+    # the reply's good entries stayed pending too, and every consumer that
+    # claimed them later stopped the same way: the group was stuck.
+    await r.xgroup_create("s", "g", id="0", mkstream=True)
+    await raw.xadd("s", {"n": "0"})
+    bad = (await raw.xadd("s", {b"\xff\xfename": b"\x00\x80"})).decode()
+    await raw.xadd("s", {"n": "2"})
+    sink = Recorder()
+    c = consumer(r, sink, min_idle=1.0, max_deliveries=2, claim_interval=0.2)
+    async with running(c):
+        await eventually(lambda: _dead_count(r, 1), within=20)
+        await eventually(lambda: _true(c.stats.acked == 2))
+    assert sorted(e.fields["n"] for call in sink.calls for e in call) == ["0", "2"]
+    assert all(isinstance(k, str) for call in sink.calls for e in call for k in e.fields)
+    [(_, dead)] = await raw.xrange("s:dead")
+    assert dead[b"source_id"].decode() == bad
+    assert dead[b"\xff\xfename"] == b"\x00\x80"  # kept as it was
+    assert dead[b"error_type"] == b"UnicodeDecodeError"
+    assert dead[b"deliveries"] == b"2"
+    assert await pending(r) == 0
+    stats = c.stats
+    assert (stats.read, stats.failed, stats.dead_lettered) == (4, 2, 1)
+
+
+async def test_undecodable_entries_from_every_path_fail_alone(
+    r: aioredis.Redis, raw: aioredis.Redis
+) -> None:
+    # Own pending entries at start (XREADGROUP 0), claims (XAUTOCLAIM).
+    await r.xgroup_create("s", "g", id="0", mkstream=True)
+    await raw.xadd("s", {b"\xff": b"1"})
+    await raw.xadd("s", {"n": "1"})
+    await raw.xreadgroup("g", "c", {"s": ">"}, count=2)  # c's own, before a restart
+    await raw.xadd("s", {b"\xfe": b"2"})
+    await raw.xadd("s", {"n": "3"})
+    await raw.xreadgroup("g", "dead", {"s": ">"}, count=2)  # claimed from a dead one
+    sink = Recorder()
+    c = consumer(r, sink, min_idle=0.5, max_deliveries=3, claim_interval=0.2)
+    async with running(c):
+        await eventually(lambda: _dead_count(r, 2), within=20)
+        await eventually(lambda: _true(c.stats.acked == 2))
+    assert sorted(e.fields["n"] for call in sink.calls for e in call) == ["1", "3"]
+    assert await pending(r) == 0
+
+
+async def _dead_count(r: aioredis.Redis, count: int) -> bool:
+    return int(await r.xlen("s:dead")) >= count
+
+
+async def _true(value: bool) -> bool:
+    return value
