@@ -13,7 +13,8 @@ the data, as a production server with persistence would.
 
 :class:`ReplyDropper` is a TCP proxy in front of a server that loses the reply
 to a chosen command after the server ran it: a connection broken at the worst
-moment, on purpose.
+moment, on purpose. It can also hold such a reply back for a while (a big
+reply on a slow network, a client too busy to read it).
 """
 
 from __future__ import annotations
@@ -154,6 +155,10 @@ class RedisServer:
         self.stop()
 
 
+# command, parts of the request, reply predicate, delay (None: lose the reply)
+_Rule = tuple[bytes, tuple[bytes, ...], Callable[[bytes], bool], float | None]
+
+
 class ReplyDropper:
     """A TCP proxy on ``127.0.0.1:<port>`` in front of ``target_port`` that loses replies.
 
@@ -164,6 +169,9 @@ class ReplyDropper:
     command (its effects are there); the client sees its connection break
     with the answer lost. ``lost`` counts the replies dropped.
 
+    :meth:`delay` holds such a reply back ``seconds`` instead, then forwards
+    it (and what follows it on that connection).
+
     It looks at raw chunks, not parsed RESP: fine for one command at a time per
     connection, which is what the consumer's reader and claimer send.
     """
@@ -172,7 +180,8 @@ class ReplyDropper:
         self.target_port = target_port
         self.port = 0
         self.lost = 0
-        self._rules: list[tuple[bytes, tuple[bytes, ...], Callable[[bytes], bool]]] = []
+        self.delayed = 0
+        self._rules: list[_Rule] = []
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
@@ -199,7 +208,17 @@ class ReplyDropper:
         also: tuple[bytes, ...] = (),
     ) -> None:
         """Lose the next reply to ``command`` (a request containing ``also``) matching ``reply``."""
-        self._rules.append((command, also, reply))
+        self._rules.append((command, also, reply, None))
+
+    def delay(
+        self,
+        command: bytes,
+        reply: Callable[[bytes], bool],
+        seconds: float,
+        also: tuple[bytes, ...] = (),
+    ) -> None:
+        """Hold back the next reply to ``command`` matching ``reply`` for ``seconds``."""
+        self._rules.append((command, also, reply, seconds))
 
     async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         try:
@@ -208,7 +227,7 @@ class ReplyDropper:
             client_w.close()
             return
         self._writers |= {client_w, server_w}
-        armed: list[tuple[bytes, tuple[bytes, ...], Callable[[bytes], bool]]] = []
+        armed: list[_Rule] = []
 
         def cut() -> None:
             for writer in (client_w, server_w):
@@ -230,6 +249,10 @@ class ReplyDropper:
                 for rule in armed:
                     if rule in self._rules and rule[2](data):
                         self._rules.remove(rule)
+                        if rule[3] is not None:
+                            self.delayed += 1
+                            await asyncio.sleep(rule[3])
+                            break
                         self.lost += 1
                         cut()
                         return

@@ -7,6 +7,7 @@ margins for a loaded machine of two shared cores.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -16,7 +17,7 @@ import redis.asyncio as aioredis
 
 from asyncbatch.contrib.redis import StreamConsumer, StreamEntry, StreamWriter
 
-from .redis_server import RedisServer
+from .redis_server import RedisServer, ReplyDropper, has_entries
 from .test_redis import Recorder, consumer, eventually, pending, running
 
 pytestmark = [pytest.mark.realtime, pytest.mark.timeout(60)]
@@ -148,6 +149,70 @@ async def test_undecodable_entries_from_every_path_fail_alone(
         await eventually(lambda: _dead_count(r, 2), within=20)
         await eventually(lambda: _true(c.stats.acked == 2))
     assert sorted(e.fields["n"] for call in sink.calls for e in call) == ["1", "3"]
+    assert await pending(r) == 0
+
+
+# -- replies that arrive late ---------------------------------------------------------------
+
+
+async def test_a_claimed_entry_settled_before_the_claim_reply_is_not_processed_again(
+    r: aioredis.Redis,
+) -> None:
+    # An XAUTOCLAIM reply can arrive after the consumer settled an entry in it
+    # (a big reply: the consumer claimed its own held entry, or an earlier
+    # claim's reply came late). The delivery counts are looked up then: an
+    # entry no longer pending was handed to the sink again with a made-up
+    # count of 2, processed twice, and (failing on its last delivery)
+    # dead-lettered twice. Seen with 60 MB entries and min_idle=1 under load;
+    # here the late reply is handed to the consumer directly.
+    await r.xgroup_create("s", "g", id="0", mkstream=True)
+    acked = await r.xadd("s", {"n": "acked"})
+    other = await r.xadd("s", {"n": "other"})
+    mine = await r.xadd("s", {"n": "mine"})
+    await r.xreadgroup("g", "c1", {"s": ">"}, count=3)
+    await r.xack("s", "g", acked)  # settled before the late reply is read
+    await r.xclaim("s", "g", "c2", 0, [other])  # claimed by another consumer meanwhile
+    sink = Recorder()
+    c = consumer(r, sink, min_idle=30.0)
+    reply = [(i, {"n": n}) for i, n in ((acked, "acked"), (other, "other"), (mine, "mine"))]
+    loop = asyncio.get_running_loop()
+    async with running(c):
+        await eventually(lambda: _true(c.stats.acked == 1))  # its own pending entry at start
+        await c._deliver_pending(reply, claimed=True, since=loop.time())
+        await asyncio.sleep(0.3)
+    assert [(e.fields["n"], e.deliveries) for call in sink.calls for e in call] == [("mine", 2)]
+    assert (c.stats.read, c.stats.acked) == (1, 1)
+
+
+async def test_entries_whose_read_reply_came_late_are_refreshed_at_once(
+    server: RedisServer, r: aioredis.Redis
+) -> None:
+    # The server's idle time of an entry runs from when it ran the XREADGROUP,
+    # not from when the consumer read the reply. The refresher counted from
+    # the reply: entries whose reply took 60 % of min_idle to arrive were
+    # refreshed only once min_idle / 2 later by the consumer's clock, past
+    # min_idle by the server's, and another consumer claimed them from a
+    # healthy, busy consumer (processed twice).
+    await r.xgroup_create("s", "g", id="0", mkstream=True)
+    for n in range(20):
+        await r.xadd("s", {"n": n})
+    slow = Recorder(delay=6.5)  # holds its batch past min_idle
+    thief = Recorder()
+    async with ReplyDropper(server.port) as proxy:
+        proxy.delay(b"XREADGROUP", has_entries, 2.4, also=(b"$1\r\n>\r\n",))
+        proxied = aioredis.Redis(port=proxy.port, decode_responses=True)
+        c1 = consumer(proxied, slow, name="c1", min_idle=4.0, max_size=50)
+        c2 = consumer(r, thief, name="c2", min_idle=4.0, claim_interval=0.1)
+        try:
+            async with running(c1):
+                await eventually(lambda: _true(bool(slow.calls)), within=20)
+                async with running(c2):
+                    await eventually(lambda: _true(c1.stats.acked == 20), within=30)
+        finally:
+            await proxied.aclose()
+        assert proxy.delayed == 1
+    assert thief.calls == []
+    assert sorted(d for _, d in slow.seen()) == [1] * 20
     assert await pending(r) == 0
 
 

@@ -458,6 +458,7 @@ class StreamConsumer:
         "_stream",
         "_suspect",
         "_wake_claimer",
+        "_wake_refresher",
     )
 
     def __init__(
@@ -540,9 +541,9 @@ class StreamConsumer:
             name=self._name,
         )
         self._state = _State.IDLE
-        # Entry id -> loop time of its last delivery or claim refresh. Insertion
-        # order is refresh order (a refreshed id is moved to the end), so the
-        # refresher finds the stale ones at the front.
+        # Entry id -> loop time the command that delivered it, or last reset its
+        # idle time, was sent (the server's idle time is never older: the
+        # refresher counts from there).
         self._held: dict[str, float] = {}
         self._acks: list[str] = []  # succeeded, waiting for the acker
         self._dead: list[tuple[StreamEntry, BaseException]] = []  # for the dead-letter stream
@@ -563,6 +564,7 @@ class StreamConsumer:
         self._room = asyncio.Event()
         self._kick_acker = asyncio.Event()
         self._finished = asyncio.Event()  # everything acked: the refresher may end
+        self._wake_refresher = asyncio.Event()  # finished, or entries arrived already old
         self._done: asyncio.Future[None] | None = None
         self._fatal: BaseException | None = None
         self._aborting = False
@@ -652,6 +654,7 @@ class StreamConsumer:
             self._kick_acker.set()  # the acker flushes what is left and returns
             await asyncio.wait([acker])
             self._finished.set()
+            self._wake_refresher.set()
             await asyncio.wait([refresher])
         except asyncio.CancelledError:
             self._abort()
@@ -710,6 +713,7 @@ class StreamConsumer:
         self._aborting = True
         self._request_stop()
         self._finished.set()
+        self._wake_refresher.set()
 
     async def _unblock_reader(self) -> None:
         # Best effort: if the reader is parked in XREADGROUP BLOCK, make it
@@ -840,13 +844,16 @@ class StreamConsumer:
         fetch: Any = reader if self._encoding is None else _Undecoded(reader)
         loop = asyncio.get_running_loop()
 
+        sent = 0.0
+
         async def read_new(count: int) -> Any:
+            nonlocal sent
             if self._reader_id is None:
                 self._reader_id = await reader.client_id()
             if self._stop.is_set():
                 return None
             self._blocked = True
-            self._reading_since = loop.time()
+            self._reading_since = sent = loop.time()
             try:
                 return await fetch.xreadgroup(
                     self._group,
@@ -871,7 +878,7 @@ class StreamConsumer:
             )
             entries = _read_reply(reply)
             if entries:
-                self._take_new(entries)
+                self._take_new(entries, sent)
                 self._seen = _text(entries[-1][0])
 
     async def _read_own_pending(self) -> None:
@@ -883,6 +890,7 @@ class StreamConsumer:
                 self._room.clear()
                 await self._room.wait()
                 continue
+            sent = asyncio.get_running_loop().time()
             reply = await self._retrying(
                 "XREADGROUP",
                 functools.partial(
@@ -898,7 +906,7 @@ class StreamConsumer:
             if not found:
                 return
             cursor = _text(found[-1][0])
-            await self._deliver_pending(found, claimed=False)
+            await self._deliver_pending(found, claimed=False, since=sent)
 
     async def _claim_loop(self) -> None:
         cursor = "0-0"
@@ -918,6 +926,7 @@ class StreamConsumer:
                 next_check = loop.time() + (_RECHECK if deferred else self._claim_interval)
             count = self._free()
             if count > 0:
+                sent = loop.time()
                 reply = await self._retrying(
                     "XAUTOCLAIM",
                     functools.partial(
@@ -938,7 +947,7 @@ class StreamConsumer:
                     self._forget += deleted  # Redis < 7 keeps them pending
                     self._kick_acker.set()
                 if claimed:
-                    await self._deliver_pending(claimed, claimed=True)
+                    await self._deliver_pending(claimed, claimed=True, since=sent)
                 if cursor != "0-0" and claimed:
                     continue  # more idle entries may follow at once
             pause = self._claim_interval
@@ -1008,6 +1017,7 @@ class StreamConsumer:
         if not lost:
             return deferred
         ids: list[Any] = list(lost)
+        sent = asyncio.get_running_loop().time()
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.xclaim(self._stream, self._group, self._consumer, floor, ids, justid=True)
             fetch: Any = pipe if self._encoding is None else _Undecoded(pipe)
@@ -1031,11 +1041,22 @@ class StreamConsumer:
                 self,
                 len(entries),
             )
-            self._take(entries, claimed=False)
+            self._take(entries, claimed=False, since=sent)
         return deferred
 
-    async def _deliver_pending(self, found: list[tuple[Any, Any]], *, claimed: bool) -> None:
-        """Entries taken from a pending list: look up their delivery counts, hand them on."""
+    async def _deliver_pending(
+        self, found: list[tuple[Any, Any]], *, claimed: bool, since: float
+    ) -> None:
+        """Entries taken from a pending list: look up their delivery counts, hand them on.
+
+        Only those still pending for this consumer: the reply of an
+        ``XAUTOCLAIM`` (or ``XREADGROUP 0``) can arrive after an entry in it
+        was settled (a big reply, a loaded machine: this consumer held the
+        entry and claimed it from itself, or a previous claim's reply came
+        later) or claimed by another consumer. Fed to the sink again it was
+        processed twice and, failing on its last delivery, dead-lettered
+        twice (with a made-up delivery count).
+        """
         live = [(_text(i), f) for i, f in found]
         gone = [i for i, f in live if not f]  # deleted from the stream meanwhile
         if gone:
@@ -1058,17 +1079,31 @@ class StreamConsumer:
         deliveries: dict[str, int] = {}
         for reply in replies:
             for row in reply:
-                deliveries[_text(row["message_id"])] = int(row["times_delivered"])
-        entries = [StreamEntry(i, f, deliveries.get(i, 2)) for i, f in live]
-        self._take(entries, claimed=claimed)
+                if _text(row["consumer"]) == self._consumer:
+                    deliveries[_text(row["message_id"])] = int(row["times_delivered"])
+        entries = [StreamEntry(i, f, deliveries[i]) for i, f in live if i in deliveries]
+        if len(entries) < len(live):
+            logger.debug(
+                "%r: %d entries settled or claimed by another consumer meanwhile; skipped",
+                self,
+                len(live) - len(entries),
+            )
+        self._take(entries, claimed=claimed, since=since)
 
     def _free(self) -> int:
         """How many more entries this consumer may hold now."""
         return self._capacity - len(self._held)
 
-    def _take(self, entries: list[StreamEntry], *, claimed: bool) -> None:
-        """Hold the entries and submit them to the batcher (or dead-letter them)."""
-        now = asyncio.get_running_loop().time()
+    def _take(self, entries: list[StreamEntry], *, claimed: bool, since: float) -> None:
+        """Hold the entries and submit them to the batcher (or dead-letter them).
+
+        ``since``: the loop time the command that delivered them was sent. The
+        server's idle time of an entry runs from when it ran that command, not
+        from when the reply was read: a big reply (or a busy loop) can take a
+        good part of ``min_idle`` to arrive, and the refresher must count
+        from the earlier time to refresh the entries before others claim them.
+        """
+        now = since
         held = self._held
         pending = self._pending
         submit = self._batcher.submit_nowait
@@ -1112,17 +1147,19 @@ class StreamConsumer:
             submitted.append(entry)
         self._read += taken
         self._redelivered += redelivered
+        self._refresh_soon(since)
         if claimed:
             self._claimed += taken
         self._watch(submitted)
 
-    def _take_new(self, found: list[Any]) -> None:
+    def _take_new(self, found: list[Any], since: float) -> None:
         """Entries of an ``XREADGROUP >`` reply (first deliveries): hold and submit them.
 
         The hot path, once per read: it builds the entries itself and counts
-        in bulk. ``found`` is ``[(id, fields), ...]`` as the client parsed it.
+        in bulk. ``found`` is ``[(id, fields), ...]`` as the client parsed it;
+        ``since``: when the read was sent (see _take).
         """
-        now = asyncio.get_running_loop().time()
+        now = since
         held = self._held
         pending = self._pending
         submit = self._batcher.submit_nowait
@@ -1150,6 +1187,12 @@ class StreamConsumer:
             append(entry)
         self._read += len(submitted) + undecodable
         self._watch(submitted)
+        self._refresh_soon(since)
+
+    def _refresh_soon(self, since: float) -> None:
+        """Entries delivered at ``since`` arrived: wake the refresher if they are old already."""
+        if asyncio.get_running_loop().time() - since >= self._min_idle / 2:
+            self._wake_refresher.set()
 
     def _undecodable(self, entry: StreamEntry, exc: UnicodeDecodeError) -> None:
         """A held entry whose fields the client cannot decode fails without the sink."""
@@ -1346,14 +1389,14 @@ class StreamConsumer:
         loop = asyncio.get_running_loop()
         period = self._min_idle / 4
         age = self._min_idle / 2
+        wake = self._wake_refresher
         while not self._finished.is_set():
-            await self._nap(period, self._finished)
+            await self._nap(period, wake)
+            wake.clear()
             now = loop.time()
-            stale: list[str] = []
-            for entry_id, since in self._held.items():
-                if now - since < age:
-                    break
-                stale.append(entry_id)
+            # Not in time order (a claim's entries can be older than the
+            # read's before them): every held entry is looked at.
+            stale = [i for i, since in self._held.items() if now - since >= age]
             for i in range(0, len(stale), 1000):
                 chunk: list[Any] = stale[i : i + 1000]
                 # XCLAIM with min-idle 0 and JUSTID: resets the idle time and
@@ -1376,7 +1419,6 @@ class StreamConsumer:
                 held = self._held
                 for entry_id in chunk:
                     if entry_id in held:
-                        del held[entry_id]
                         held[entry_id] = now
 
 
