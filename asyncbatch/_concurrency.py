@@ -39,6 +39,9 @@ class BatchSample:
         backlog: items accepted and not yet dispatched when it finished.
         waiting: due batches waiting for a free slot when it finished (a
             queue of work the limit holds back).
+        running: items in the sink calls running when it finished (this
+            batch's included); ``0``: not measured, taken as ``in_flight *
+            size``.
         overloaded: the backend signalled overload during this batch: a sink
             call timed out (``timeout``), or raised (or answered, per item)
             an exception whose ``retry_after`` is set (e.g. HTTP 429/503).
@@ -53,6 +56,7 @@ class BatchSample:
     queued: float = 0.0
     backlog: int = 0
     waiting: int = 0
+    running: int = 0
 
 
 class Adaptive:
@@ -63,15 +67,27 @@ class Adaptive:
     *windows*: the batches dispatched under the limit now in force (a batch
     that started under an earlier limit says nothing about this one), at
     least ``window`` rounds of ``limit`` batches each (``window * max(limit,
-    4)`` batches). A window's latency is taken by Little's law, from the
-    backlog: the items in the system (``backlog`` plus ``in_flight`` calls of
-    the batch's ``size``, averaged over the window's batches) divided by the
-    rate items were answered at (every batch counted, over the seconds since
-    the previous window ended). It is the latency the queue in front of the
-    sink gives an item now, so it follows a change of limit within a window,
-    where the measured ``latency`` of the items answered lags by the time the
-    queue takes to fill or drain. (Samples that span no time fall back to the
-    measured ``latency``, weighted by ``size``.) A window whose second half
+    4)`` batches). A window's latency is taken by Little's law: the items in
+    the system (``backlog`` plus the items in running sink calls,
+    ``running``, averaged over the window's batches) divided by the rate
+    items are answered at. That rate is taken per call, not by counting items
+    between two instants: each of the calls in flight answers its items once
+    per call duration, so the rate is the mean ``in_flight`` times the
+    window's items per second of call (``sum(size) / sum(duration)``; the
+    renewal-reward theorem). Counted between two instants, the rate moves
+    with where the window's edges fall among the batches' answers, by about
+    one batch in a window of a few dozen; per call it moves only with the
+    calls' own durations. Every call that ends in the window counts for the
+    rate, including those started under an earlier limit; calls still
+    running count in neither way, so when the calls that ended are the
+    short ones (after an overload, retried calls run long) the per-call rate
+    is too high: the rate counted over the window's span, plus
+    ``tolerance``, bounds it. The latency so taken is the one the queue in front
+    of the sink gives an item now, so it follows a change of limit within a
+    window, where the measured ``latency`` of the items answered lags by the
+    time the queue takes to fill or drain. (Samples whose calls took no
+    time fall back to the measured ``latency``, weighted by ``size``.) A
+    window whose second half
     differs from its first by more than ``tolerance`` is measured again (at
     most twice in a row): the queue is still moving. After each window:
 
@@ -83,13 +99,16 @@ class Adaptive:
       not better ends the search at the best: the limit *holds* there. On a
       plateau the smaller limit wins: a larger limit with equal latency
       (within ``tolerance``) is not better, a smaller one is (it becomes the
-      best, the lower of the two latencies staying the one to beat). A
-      search that begins because latency got worse at a held limit first
-      tries lower, then one higher.
-    - **hold**: keep the limit and watch the latency at it. If it moves by more
-      than twice ``tolerance`` from its reference (an average of the windows held),
-      the backend or the load changed: search again, downwards when it got
-      worse, upwards when it got better. Every ``probe_every`` windows the hold
+      best, the lower of the two latencies staying the one to beat).
+    - **hold**: keep the limit and watch the latency at it. If it moves by
+      more than twice ``tolerance`` from its reference (an average of the
+      windows held), the backend or the load changed. Worse: the backend
+      now serves less; the limit is cut in proportion, to ``floor(limit *
+      reference / latency)`` (at least one less, never below ``min``: the
+      calls it still serves in the time it served ``limit``, as Netflix's
+      Gradient limit scales by the ratio of the long-term to the recent
+      latency), and a search starts upwards from the cut. Better: a search
+      starts upwards from the limit. Every ``probe_every`` windows the hold
       tries one more slot (a capacity that grew shows no other sign: latency at
       a limit the backend serves anyway does not change).
     - **overload**: a batch that started under the limit now in force and
@@ -109,9 +128,13 @@ class Adaptive:
     climbing on batch latency averaged over a number of batches, the step
     doubling while latency keeps improving and reversing when it does not),
     Netflix's concurrency-limits (``AIMDLimit``: a multiplicative cut on a
-    drop, no increase while the limit is not used) and Little's law (items in
-    a system = the rate they leave at x the time each spends in it; J. D. C.
-    Little, 1961). The hold with periodic
+    drop, no increase while the limit is not used; ``Gradient2Limit``: the
+    limit scaled by the ratio of the long-term to the recent latency),
+    Little's law (items in a system = the rate they leave at x the time each
+    spends in it; J. D. C. Little, 1961) and the renewal-reward theorem (a
+    slot that answers ``size`` items per ``duration`` seconds answers
+    ``sum(size) / sum(duration)`` items per second in the long run). The
+    hold with periodic
     one-slot probes and the ceiling after an overload are ours: they keep the
     probing (whose latency the callers pay) to a small share of the time.
 
@@ -143,16 +166,14 @@ class Adaptive:
     """
 
     __slots__ = (
-        "_answered",
         "_base",
         "_ceiling",
         "_ceiling_until",
         "_direction",
+        "_fresh",
         "_gap",
         "_held",
         "_improved",
-        "_last",
-        "_may_reverse",
         "_peak",
         "_phase",
         "_reference",
@@ -216,12 +237,12 @@ class Adaptive:
         self._since = -math.inf  # loop time of the last change: older batches are stale
         self._ceiling = max + 1  # limits >= it are out of reach until _ceiling_until
         self._ceiling_until = -math.inf
-        # The window: (now, items answered so far, items in the system,
-        # latency, size) per batch, and where it began: (now, items answered).
+        # The window: (items in the system, latency, size, duration, calls
+        # in flight) per call ended; items in the system is None for a call
+        # started under an earlier limit. _fresh: the others, its batches.
         self._samples: list[_Sample] = []
-        self._answered = 0  # items answered since the start, every batch counted
-        self._last: tuple[float, int] | None = None  # the latest batch's (now, answered)
-        self._start: tuple[float, int] | None = None
+        self._fresh = 0
+        self._start: float | None = None
         self._peak = 0  # most calls in flight seen in the window
         self._starved = False  # a due batch waited for a slot in the window
         self._unsettled = 0  # windows measured again in a row because latency still rose
@@ -232,30 +253,36 @@ class Adaptive:
         self._step = 1
         self._improved = False
         self._gap = False
-        self._may_reverse = False
         self._reference = 0.0
         self._held = 0
 
     def on_batch(self, sample: BatchSample) -> int:
         """Take one batch's sample; return the limit now in force."""
-        answered = self._answered
-        self._answered += sample.size
-        self._last = (sample.now, self._answered)
-        if sample.now - sample.duration < self._since:
-            return self.limit  # started under an earlier limit
-        if sample.overloaded:
+        stale = sample.now - sample.duration < self._since  # started under an earlier limit
+        if sample.overloaded and not stale:
             self._overloaded(sample.now)
             return self.limit
-        # Items in the system: accepted and not dispatched, plus those in the
-        # sink calls now running (taken to be of this batch's size).
-        in_system = sample.backlog + sample.in_flight * sample.size
+        # Every call that ends in the window counts for the rate items are
+        # answered at (a stale one too: leaving it out would leave out the
+        # slow calls, retried after an overload, that the limit now in force
+        # still waits for); only those started under it are counted as the
+        # window's batches and for what is in the system.
+        in_system = None
+        if not stale:
+            # Accepted and not dispatched, plus those in the sink calls running.
+            in_system = sample.backlog + (sample.running or sample.in_flight * sample.size)
+            self._fresh += 1
         if self._start is None:
-            self._start = (sample.now - sample.duration, answered)
-        self._samples.append((sample.now, self._answered, in_system, sample.latency, sample.size))
+            self._start = sample.now - sample.duration
+        self._samples.append(
+            (in_system, sample.latency, sample.size, sample.duration, sample.in_flight, sample.now)
+        )
+        if stale:
+            return self.limit
         self._peak = builtins.max(self._peak, sample.in_flight)
         if sample.waiting or sample.queued > 0:
             self._starved = True
-        if len(self._samples) >= self._window_batches():
+        if self._fresh >= self._window_batches():
             self._decide(sample.now)
         return self.limit
 
@@ -268,18 +295,22 @@ class Adaptive:
         limit = self.limit
         self._ceiling, self._ceiling_until = limit, now + self.cooldown
         cut = builtins.max(self.min, builtins.min(limit - 1, math.floor(limit * self.backoff)))
-        self._search(now, cut, None, 1, False)
+        self._search(now, cut, None)
 
     def _decide(self, now: float) -> None:
-        samples, start = self._samples, self._start
+        samples = self._samples
+        # The halves split after half the window's batches.
+        split = [i for i, sample in enumerate(samples, 1) if sample[0] is not None][
+            self._fresh // 2 - 1
+        ]
+        start = self._start
         assert start is not None
-        half = len(samples) // 2
-        middle = samples[half - 1]
-        early = _latency(start, samples[:half])
-        late = _latency((middle[0], middle[1]), samples[half:])
-        latency = _latency(start, samples)
+        tolerance = self.tolerance
+        early = _latency(samples[:split], start, tolerance)
+        late = _latency(samples[split:], samples[split - 1][5], tolerance)
+        latency = _latency(samples, start, tolerance)
         used = self._peak >= self.limit and self._starved
-        limit, tolerance = self.limit, self.tolerance
+        limit = self.limit
         self._clear()
         moving = late > early * (1 + tolerance) or late < early * (1 - tolerance)
         if moving and self._unsettled < _REMEASURE:
@@ -294,15 +325,17 @@ class Adaptive:
             # A held limit moves only on twice the tolerance: a search costs
             # windows at worse limits, so noise must not start one.
             if latency > self._reference * (1 + 2 * tolerance):
-                self._search(now, limit, latency, -1, True)
+                cut = math.floor(limit * self._reference / latency)
+                cut = builtins.max(self.min, builtins.min(limit - 1, cut))
+                self._search(now, cut, None)
             elif latency < self._reference * (1 - 2 * tolerance) and used:
-                self._search(now, limit, latency, 1, False)
+                self._search(now, limit, latency)
             else:
                 self._reference = (self._reference + latency) / 2
                 self._held += 1
                 if self._held >= self.probe_every and used:
                     self._held = 0
-                    self._search(now, limit, self._reference, 1, False)
+                    self._search(now, limit, self._reference)
             return
         base = self._base
         if base is None:  # this window measured the starting point
@@ -329,8 +362,8 @@ class Adaptive:
 
     def _turn_or_hold(self, now: float, best: int, best_latency: float) -> None:
         """One step the other way from the best if that side is untested, else hold."""
-        if (self._may_reverse and not self._improved) or self._gap:
-            self._may_reverse = self._gap = self._improved = False
+        if self._gap:
+            self._gap = self._improved = False
             self._direction = -self._direction
             self._step = 1
             self._try(now, True)
@@ -361,15 +394,13 @@ class Adaptive:
         ceiling = self._ceiling if now >= self._ceiling_until else self._ceiling - 1
         return builtins.max(self.min, builtins.min(self.max, ceiling))
 
-    def _search(
-        self, now: float, limit: int, latency: float | None, direction: int, may_reverse: bool
-    ) -> None:
+    def _search(self, now: float, limit: int, latency: float | None) -> None:
+        """Search upwards from ``limit``: measure it first when ``latency`` is None."""
         self._phase = _SEARCH
-        self._direction = direction
+        self._direction = 1
         # Steps in proportion to the limit (an eighth of it), as TensorFlow's.
         self._step = builtins.max(1, limit // 8)
         self._improved = self._gap = False
-        self._may_reverse = may_reverse
         self._held = 0
         self._clear()
         if latency is None:
@@ -394,8 +425,10 @@ class Adaptive:
             self._unsettled = 0
 
     def _clear(self) -> None:
-        self._start = self._last  # windows tile the time: the next begins here
+        if self._samples:
+            self._start = self._samples[-1][5]  # windows tile the time
         self._samples = []
+        self._fresh = 0
         self._peak = 0
         self._starved = False
 
@@ -403,24 +436,34 @@ class Adaptive:
         return f"Adaptive(min={self.min}, max={self.max}, limit={self.limit})"
 
 
-_Sample = tuple[float, int, float, float, int]
+_Sample = tuple[float | None, float, int, float, int, float]
 
 
-def _latency(start: tuple[float, int], samples: list[_Sample]) -> float:
+def _latency(samples: list[_Sample], start: float, tolerance: float) -> float:
     """Mean per-item latency over a run of samples, in seconds, by Little's law.
 
-    Items in the system (the mean over the samples) divided by the rate items
-    were answered at since ``start`` (its ``now`` and items answered then).
-    Without a span of time to take a rate over, the mean measured latency,
-    weighted by size.
+    Items in the system (the mean over the window's batches) divided by the
+    rate items are answered at: the mean calls in flight times items per
+    second of call, at most the items counted over the span since ``start``
+    (loop time) plus ``tolerance``. Without call time to take a rate over,
+    the mean measured latency, weighted by size.
     """
-    now, answered = samples[-1][0], samples[-1][1]
-    span, count = now - start[0], answered - start[1]
-    if span > 0 and count > 0:
-        in_system = sum(sample[2] for sample in samples) / len(samples)
-        return in_system * span / count
-    items = sum(sample[4] for sample in samples)
-    return sum(sample[3] * sample[4] for sample in samples) / items if items else 0.0
+    fresh = [sample for sample in samples if sample[0] is not None]
+    items = sum(sample[2] for sample in samples)
+    seconds = sum(sample[3] for sample in samples)
+    if seconds > 0 and items > 0 and fresh:
+        in_system = sum(sample[0] for sample in fresh if sample[0] is not None) / len(fresh)
+        calls = sum(sample[4] for sample in samples) / len(samples)
+        rate = items * calls / seconds
+        span = samples[-1][5] - start
+        if span > 0:
+            # Calls still running are in neither sum: when the ones that
+            # ended are the short ones (a call retried after an overload
+            # runs long), the count over the span bounds the rate.
+            rate = builtins.min(rate, items / span * (1 + tolerance))
+        return in_system / rate
+    answered = sum(sample[2] for sample in fresh)
+    return sum(sample[1] * sample[2] for sample in fresh) / answered if answered else 0.0
 
 
 _REMEASURE = 2  # windows measured again at most, while latency still rises

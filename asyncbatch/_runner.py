@@ -568,6 +568,7 @@ class _Runner(_Core[T, R]):
                 overloaded=batch.overloaded,
                 backlog=self._pending,
                 waiting=len(self._ready),
+                running=self._in_flight,
             )
             limit = self._notify("concurrency policy", functools.partial(policy.on_batch, sample))
             if isinstance(limit, int) and not isinstance(limit, bool):
