@@ -222,3 +222,75 @@ async def _dead_count(r: aioredis.Redis, count: int) -> bool:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+# -- a CancelledError nobody asked for ----------------------------------------------------
+
+
+class _StrayCancels(aioredis.Redis):
+    """A client whose ``command`` raises ``CancelledError`` ``left[0]`` times, its task
+    not cancelled: what a timeout or a future of the client's own gone wrong looks like."""
+
+    def __init__(self, *args: Any, command: str, left: list[int], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.command, self.left = command, left  # shared with its client()s
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        mine = args[0] == self.command and (self.command != "XREADGROUP" or args[-1] == ">")
+        if mine and self.left[0] > 0:
+            self.left[0] -= 1
+            raise asyncio.CancelledError
+        return await super().execute_command(*args, **options)
+
+    def client(self) -> _StrayCancels:
+        return _StrayCancels(
+            connection_pool=self.connection_pool,
+            single_connection_client=True,
+            command=self.command,
+            left=self.left,
+        )
+
+
+@pytest.mark.parametrize("command", ["XREADGROUP", "XACK"])
+async def test_a_stray_cancelled_error_in_a_command_is_retried(
+    server: RedisServer, r: aioredis.Redis, command: str
+) -> None:
+    # The reader died quietly: run() went on running, reading nothing, with
+    # read == acked and nothing in flight (the signature of the restart test
+    # that once stopped at 600 of 3000 entries). An acker that died so left
+    # every later entry unacknowledged.
+    await r.xgroup_create("s", "g", id="$", mkstream=True)
+    left = [2]
+    client = _StrayCancels(port=server.port, command=command, left=left)
+    sink = Recorder()
+    c = consumer(client, sink, start="$")
+    try:
+        async with running(c):
+            for n in range(30):
+                await r.xadd("s", {"n": n})
+                await asyncio.sleep(0.02)
+            await eventually(lambda: _true(c.stats.acked == 30), within=20)
+    finally:
+        await client.aclose()
+    assert left == [0]
+    assert c.stats.connection_errors >= 2
+    assert await pending(r) == 0
+
+
+async def test_a_loop_task_cancelled_from_outside_stops_run_with_an_error(
+    r: aioredis.Redis,
+) -> None:
+    # Something other than run() cancels one of the consumer's tasks (a
+    # framework cancelling every task at shutdown but the main one, say).
+    # run() went on without it: without its acker nothing was acknowledged
+    # any more (without its reader nothing was read), and nothing said so.
+    # (The acker, idle here, takes the cancellation at once; a task in the
+    # middle of a Redis command may not: redis-py can swallow it.)
+    c = consumer(r, Recorder())
+    task = asyncio.create_task(c.run())
+    await eventually(lambda: _true("[running]" in repr(c)))
+    await asyncio.sleep(0.3)
+    [acker] = [t for t in asyncio.all_tasks() if t.get_name().endswith(" acker")]
+    acker.cancel()
+    with pytest.raises(RuntimeError, match="was cancelled, not by run"):
+        await asyncio.wait_for(task, 10)

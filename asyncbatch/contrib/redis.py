@@ -167,6 +167,10 @@ class ConsumerStats:
     batcher: BatcherStats = field(default_factory=BatcherStats)
 
 
+class _StrayCancellation(redis_errors.ConnectionError):
+    """A Redis command ended with a ``CancelledError`` its task was not asked for."""
+
+
 class DeliveryLimitExceeded(AsyncBatchError):
     """The error recorded for an entry claimed after ``max_deliveries`` deliveries
     that never got an answer (its consumers died while processing it: a
@@ -450,6 +454,7 @@ class StreamConsumer:
         "_redelivered",
         "_redis",
         "_room",
+        "_runner",
         "_seen",
         "_sink",
         "_start",
@@ -566,6 +571,7 @@ class StreamConsumer:
         self._finished = asyncio.Event()  # everything acked: the refresher may end
         self._wake_refresher = asyncio.Event()  # finished, or entries arrived already old
         self._done: asyncio.Future[None] | None = None
+        self._runner: asyncio.Task[Any] | None = None  # the task running run()
         self._fatal: BaseException | None = None
         self._aborting = False
         self._drained = False  # the batcher is closed: no entry will settle any more
@@ -634,6 +640,7 @@ class StreamConsumer:
         loop = asyncio.get_running_loop()
         self._state = _State.RUNNING
         self._done = loop.create_future()
+        self._runner = asyncio.current_task()
         tasks: list[asyncio.Task[None]] = []
         try:
             await self._ensure_group()
@@ -723,11 +730,29 @@ class StreamConsumer:
             await _quietly(self._redis.client_unblock(reader_id))
 
     async def _guard(self, loop_body: Awaitable[None]) -> None:
-        """Run one of the loops; an error it cannot retry stops the consumer."""
+        """Run one of the loops; an error it cannot retry stops the consumer.
+
+        So does a cancellation that is not run()'s (run() aborts before it
+        cancels its loops; the loop's end cancels run() too): a loop that
+        ended quietly left run() waiting for ever (a dead reader: nothing read
+        any more, and nothing said).
+        """
         try:
             await loop_body
         except asyncio.CancelledError:
-            raise
+            runner = self._runner
+            if self._aborting or runner is None or runner.done() or runner.cancelling():
+                raise
+            task = asyncio.current_task()
+            if self._fatal is None:
+                self._fatal = RuntimeError(
+                    f"{self!r}: its task {task.get_name() if task else '?'!r} was cancelled, "
+                    "not by run(): the consumer stops (cancel the task running run() to stop it)"
+                )
+                logger.error("%s", self._fatal)
+            self._abort()
+            if task is not None and task.cancelling():
+                raise
         except BaseException as exc:
             if self._fatal is None:
                 self._fatal = exc
@@ -757,7 +782,7 @@ class StreamConsumer:
         failures = 0
         while True:
             try:
-                result = await command()
+                result = await self._uncancelled(command())
             except CONNECTION_ERRORS as exc:
                 self._connection_errors += 1
                 failures += 1
@@ -794,6 +819,26 @@ class StreamConsumer:
             else:
                 await self._nap(pause, until)
             delay = min(_BACKOFF_MAX, delay * 2)
+
+    async def _uncancelled(self, command: Awaitable[T]) -> T:
+        """Await a Redis command; a ``CancelledError`` nobody asked for is a connection error.
+
+        A ``CancelledError`` while this task was not cancelled (``cancelling()``
+        is 0) comes from inside the client (a timeout or a future of its own
+        gone wrong mid-command): the connection's state is unknown (redis-py
+        drops it), so it is retried like a broken connection. Let through, it
+        ended the loop quietly: a reader that died so left ``run()`` running
+        and reading nothing.
+        """
+        try:
+            return await command
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if self._aborting or task is None or task.cancelling():
+                raise
+            raise _StrayCancellation(
+                f"a CancelledError from inside the client, not a cancellation ({exc!r})"
+            ) from exc
 
     async def _ensure_group(self) -> None:
         await self._retrying("XGROUP CREATE", self._create_group, self._stop)
@@ -1332,10 +1377,12 @@ class StreamConsumer:
                 return
             try:
                 if dead:
-                    await self._dead_letter_and_ack(dead, ids)
+                    await self._uncancelled(self._dead_letter_and_ack(dead, ids))
                 else:
                     # bytes: the client's encoder takes them as they are (per id)
-                    await self._redis.xack(self._stream, self._group, *[i.encode() for i in ids])
+                    await self._uncancelled(
+                        self._redis.xack(self._stream, self._group, *[i.encode() for i in ids])
+                    )
                 return
             except CONNECTION_ERRORS as exc:
                 self._connection_errors += 1
