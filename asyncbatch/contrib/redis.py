@@ -364,6 +364,10 @@ class StreamConsumer:
             missing. An existing group is used as it is.
         consumer: this consumer's name, unique within the group (a process
             restarted under the same name resumes its own pending entries).
+            Two consumers running at once under one name share one pending
+            list and cannot tell each other's entries from entries whose
+            delivery reply was lost: each takes the other's, so every entry
+            is processed twice and a failing one dead-lettered twice.
         sink: ``async def sink(entries: list[StreamEntry]) -> ...``, see above.
         max_size: entries per sink call (and per ``XREADGROUP``), ``>= 1``.
         max_wait: seconds the first entry of a batch waits for companions
@@ -687,7 +691,9 @@ class StreamConsumer:
         Waits until :meth:`run` has returned. Idempotent; before ``run()`` it
         makes a later ``run()`` return at once. Called from inside this
         consumer's own sink it cannot wait for its own batch: it asks the
-        consumer to stop and returns at once.
+        consumer to stop and returns at once. So does a task the sink started
+        (it inherits the sink's context): await the task running ``run()``
+        there before closing the client.
 
         While the server is unreachable the acknowledgements are retried, so
         ``stop()`` waits for the connection to come back; bound it with
