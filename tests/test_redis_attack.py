@@ -88,6 +88,9 @@ def test_misconfigurations_are_refused_at_construction(server: RedisServer) -> N
         make(redis.Redis(port=server.port))
     with pytest.raises(TypeError, match=r"redis\.asyncio\.Redis client, got None"):
         make(None)
+    cluster = aioredis.RedisCluster(host="127.0.0.1", port=server.port)  # never connected
+    with pytest.raises(TypeError, match="got a RedisCluster"):
+        make(cluster)
     with pytest.raises(TypeError, match=r"redis\.asyncio\.Redis client"):
         StreamWriter(redis.Redis(port=server.port), stream="s")  # type: ignore[arg-type]
     # A socket timeout not longer than the block: every idle read timed out,

@@ -1608,6 +1608,11 @@ def _check_client(redis: object) -> None:
     if redis is None or isinstance(redis, sync_redis.Redis | sync_redis.RedisCluster):
         what = "None" if redis is None else f"the synchronous {type(redis).__qualname__}"
         raise TypeError(f"redis must be a redis.asyncio.Redis client, got {what}")
+    if isinstance(redis, aioredis.RedisCluster):
+        raise TypeError(
+            "redis must be a redis.asyncio.Redis client, got a RedisCluster (not supported: "
+            "pass a redis.asyncio.Redis connected to the node that holds the stream)"
+        )
 
 
 def _check_socket_timeout(redis: object, block: float) -> None:
