@@ -492,7 +492,7 @@ class StreamConsumer:
         on_batch: Callable[[BatchReport], object] | None = None,
         name: str | None = None,
     ) -> None:
-        _check_client(redis)
+        _check_client(redis, cluster=False)
         for what, value in (("stream", stream), ("group", group), ("consumer", consumer)):
             _check_name(what, value)
         _check_start(start)
@@ -1604,11 +1604,11 @@ def _check_name(what: str, value: object) -> None:
         raise TypeError(f"{what} must be a non-empty str, got {value!r}")
 
 
-def _check_client(redis: object) -> None:
+def _check_client(redis: object, *, cluster: bool = True) -> None:
     if redis is None or isinstance(redis, sync_redis.Redis | sync_redis.RedisCluster):
         what = "None" if redis is None else f"the synchronous {type(redis).__qualname__}"
         raise TypeError(f"redis must be a redis.asyncio.Redis client, got {what}")
-    if isinstance(redis, aioredis.RedisCluster):
+    if not cluster and isinstance(redis, aioredis.RedisCluster):
         raise TypeError(
             "redis must be a redis.asyncio.Redis client, got a RedisCluster (not supported: "
             "pass a redis.asyncio.Redis connected to the node that holds the stream)"
