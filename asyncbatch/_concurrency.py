@@ -82,7 +82,9 @@ class Adaptive:
     running count in neither way, so when the calls that ended are the
     short ones (after an overload, retried calls run long) the per-call rate
     is too high: the rate counted over the window's span, plus
-    ``tolerance``, bounds it. The latency so taken is the one the queue in front
+    ``tolerance``, bounds it (the span leaves out the time the system was
+    empty, no call running and nothing accepted: between bursts no item
+    waits and none is answered). The latency so taken is the one the queue in front
     of the sink gives an item now, so it follows a change of limit within a
     window, where the measured ``latency`` of the items answered lags by the
     time the queue takes to fill or drain. (Samples whose calls took no
@@ -170,9 +172,11 @@ class Adaptive:
         "_ceiling",
         "_ceiling_until",
         "_direction",
+        "_empty_since",
         "_fresh",
         "_gap",
         "_held",
+        "_idle",
         "_improved",
         "_peak",
         "_phase",
@@ -238,9 +242,16 @@ class Adaptive:
         self._ceiling = max + 1  # limits >= it are out of reach until _ceiling_until
         self._ceiling_until = -math.inf
         # The window: (items in the system, latency, size, duration, calls
-        # in flight) per call ended; items in the system is None for a call
-        # started under an earlier limit. _fresh: the others, its batches.
+        # in flight, end, idle before it) per call ended; items in the system
+        # is None for a call started under an earlier limit. _fresh: the
+        # others, its batches.
         self._samples: list[_Sample] = []
+        # The system was empty (no call running, nothing accepted) from
+        # _empty_since until the next call started: idle time, in which no
+        # item waits and none is answered, is left out of the span the rate
+        # is counted over (_idle: such time not yet given to a sample).
+        self._empty_since: float | None = None
+        self._idle = 0.0
         self._fresh = 0
         self._start: float | None = None
         self._peak = 0  # most calls in flight seen in the window
@@ -258,7 +269,13 @@ class Adaptive:
 
     def on_batch(self, sample: BatchSample) -> int:
         """Take one batch's sample; return the limit now in force."""
-        stale = sample.now - sample.duration < self._since  # started under an earlier limit
+        start = sample.now - sample.duration
+        stale = start < self._since  # started under an earlier limit
+        if self._empty_since is not None:
+            self._idle += builtins.max(0.0, start - self._empty_since)
+            self._empty_since = None
+        if sample.in_flight <= 1 and not sample.backlog and not sample.waiting:
+            self._empty_since = sample.now  # nothing left in the system
         if sample.overloaded and not stale:
             self._overloaded(sample.now)
             return self.limit
@@ -273,10 +290,19 @@ class Adaptive:
             in_system = sample.backlog + (sample.running or sample.in_flight * sample.size)
             self._fresh += 1
         if self._start is None:
-            self._start = sample.now - sample.duration
+            self._start = start
         self._samples.append(
-            (in_system, sample.latency, sample.size, sample.duration, sample.in_flight, sample.now)
+            (
+                in_system,
+                sample.latency,
+                sample.size,
+                sample.duration,
+                sample.in_flight,
+                sample.now,
+                self._idle,
+            )
         )
+        self._idle = 0.0
         if stale:
             return self.limit
         self._peak = builtins.max(self._peak, sample.in_flight)
@@ -436,7 +462,7 @@ class Adaptive:
         return f"Adaptive(min={self.min}, max={self.max}, limit={self.limit})"
 
 
-_Sample = tuple[float | None, float, int, float, int, float]
+_Sample = tuple[float | None, float, int, float, int, float, float]
 
 
 def _latency(samples: list[_Sample], start: float, tolerance: float) -> float:
@@ -455,7 +481,8 @@ def _latency(samples: list[_Sample], start: float, tolerance: float) -> float:
         in_system = sum(sample[0] for sample in fresh if sample[0] is not None) / len(fresh)
         calls = sum(sample[4] for sample in samples) / len(samples)
         rate = items * calls / seconds
-        span = samples[-1][5] - start
+        # The span leaves out the time the system was empty (between bursts).
+        span = samples[-1][5] - start - sum(sample[6] for sample in samples)
         if span > 0:
             # Calls still running are in neither sum: when the ones that
             # ended are the short ones (a call retried after an overload
