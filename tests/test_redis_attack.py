@@ -116,7 +116,9 @@ async def test_an_entry_a_decoding_client_cannot_decode_fails_alone(
     # claimed them later stopped the same way: the group was stuck.
     await r.xgroup_create("s", "g", id="0", mkstream=True)
     await raw.xadd("s", {"n": "0"})
-    bad = (await raw.xadd("s", {b"\xff\xfename": b"\x00\x80"})).decode()
+    bad_id = await raw.xadd("s", {b"\xff\xfename": b"\x00\x80"})
+    assert isinstance(bad_id, bytes)
+    bad = bad_id.decode()
     await raw.xadd("s", {"n": "2"})
     sink = Recorder()
     c = consumer(r, sink, min_idle=1.0, max_deliveries=2, claim_interval=0.2)
@@ -125,7 +127,8 @@ async def test_an_entry_a_decoding_client_cannot_decode_fails_alone(
         await eventually(lambda: _true(c.stats.acked == 2))
     assert sorted(e.fields["n"] for call in sink.calls for e in call) == ["0", "2"]
     assert all(isinstance(k, str) for call in sink.calls for e in call for k in e.fields)
-    [(_, dead)] = await raw.xrange("s:dead")
+    dead_letters: Any = await raw.xrange("s:dead")
+    [(_, dead)] = dead_letters
     assert dead[b"source_id"].decode() == bad
     assert dead[b"\xff\xfename"] == b"\x00\x80"  # kept as it was
     assert dead[b"error_type"] == b"UnicodeDecodeError"
@@ -236,20 +239,21 @@ class _StrayCancels(aioredis.Redis):
 
     def __init__(self, *args: Any, command: str, left: list[int], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.command, self.left = command, left  # shared with its client()s
+        self.stray_command, self.left = command, left  # shared with its client()s
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
-        mine = args[0] == self.command and (self.command != "XREADGROUP" or args[-1] == ">")
+        command = self.stray_command
+        mine = args[0] == command and (command != "XREADGROUP" or args[-1] == ">")
         if mine and self.left[0] > 0:
             self.left[0] -= 1
             raise asyncio.CancelledError
-        return await super().execute_command(*args, **options)
+        return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
 
     def client(self) -> _StrayCancels:
         return _StrayCancels(
             connection_pool=self.connection_pool,
             single_connection_client=True,
-            command=self.command,
+            command=self.stray_command,
             left=self.left,
         )
 
