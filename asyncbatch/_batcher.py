@@ -20,6 +20,7 @@ import functools
 import itertools
 import math
 import warnings
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import (
     AsyncGenerator,
@@ -164,6 +165,7 @@ class Batcher(_Overflow[T, R], _Runner[T, R], _Dispatch[T, R]):
         self._streaming = _check_sink(sink)
         _check_int("max_size", max_size, 1)
         policy, limit = _concurrency(max_concurrency)
+        _claim_policy(self, policy)
         if max_pending is not None:
             _check_int("max_pending", max_pending, 1)
         if interval is not None:
@@ -823,7 +825,8 @@ class Batcher(_Overflow[T, R], _Runner[T, R], _Dispatch[T, R]):
         - ``max_concurrency``: more slots start waiting due batches now;
           fewer let the calls in flight finish (no new one starts until the
           count is under the limit). An :class:`Adaptive` policy (or
-          ``"auto"``) takes over the limit from its ``min``.
+          ``"auto"``) takes over from its own ``limit`` (its ``min`` for a
+          new one); one that tunes another open batcher is refused.
         - ``max_size``/``max_weight``: open batches that are now full are
           sealed (reason ``"size"``/``"weight"``); a batch that holds more
           than the new limit is handed to the sink in consecutive calls
@@ -893,6 +896,8 @@ class Batcher(_Overflow[T, R], _Runner[T, R], _Dispatch[T, R]):
                 f"max_pending={pending} < max_size={new_size} with overflow='drop_oldest' "
                 "and no max_wait or interval: a batch could never fill and has no deadline"
             )
+        if not isinstance(max_concurrency, _Unset):
+            _claim_policy(self, policy)
 
         # Everything checked: apply, on the loop's own thread.
         apply = functools.partial(
@@ -1583,3 +1588,31 @@ def _hot_marker(loop: asyncio.AbstractEventLoop) -> object:
 
 def _reraise(exc: BaseException) -> None:
     raise exc
+
+
+# The batcher each Adaptive tunes, by the policy's id: a batcher holds its
+# policy, so the id cannot be reused while the entry's batcher lives.
+_TUNING: weakref.WeakValueDictionary[int, Batcher[Any, Any]] = weakref.WeakValueDictionary()
+
+
+def _claim_policy(batcher: Batcher[Any, Any], policy: Adaptive | None) -> None:
+    """Refuse an ``Adaptive`` that another open batcher is tuned by.
+
+    An ``Adaptive`` keeps one batcher's measurements and search: shared, two
+    batchers would move one limit from each other's samples.
+    """
+    if policy is None:
+        return
+    other = _TUNING.get(id(policy))
+    if (
+        other is not None
+        and other is not batcher
+        # (one whose constructor failed after this check has neither)
+        and getattr(other, "_policy", None) is policy
+        and getattr(other, "_state", _State.CLOSED) is not _State.CLOSED
+    ):
+        raise ValueError(
+            f"this Adaptive already tunes {other!r}: give each batcher its own "
+            "Adaptive(...) (copy.deepcopy(policy) copies one, state included)"
+        )
+    _TUNING[id(policy)] = batcher

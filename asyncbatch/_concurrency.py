@@ -147,7 +147,9 @@ class Adaptive:
 
     Units: ``latency``, ``queued``, ``duration``, ``now`` and ``cooldown``
     are seconds (``loop.time()``); ``size`` and ``backlog`` are items.
-    One ``Adaptive`` serves one Batcher: it keeps that Batcher's state.
+    One ``Adaptive`` serves one Batcher: it keeps that Batcher's state (a
+    second open Batcher given it raises ``ValueError``; ``@batch`` gives each
+    of its batchers a copy).
 
     Args:
         min: the lowest limit, and the first one (``>= 1``).

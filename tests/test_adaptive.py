@@ -9,6 +9,7 @@ The Batcher tests run on virtual time (looptime).
 from __future__ import annotations
 
 import asyncio
+import copy
 import math
 from collections.abc import Callable
 
@@ -452,3 +453,36 @@ async def test_batcher_limit_stays_within_min_and_max() -> None:
         await _closed_loop(b, 100, 5.0, limits)
     assert set(limits) <= {2, 3, 4, 5}
     assert limits[-1] == 5, limits
+
+
+def test_one_adaptive_tunes_one_open_batcher() -> None:
+    async def sink(items: list[int]) -> list[int]:
+        return items
+
+    policy = Adaptive(max=8)
+    first = Batcher(sink, max_concurrency=policy, name="first")
+    with pytest.raises(ValueError, match="already tunes <Batcher 'first'"):
+        Batcher(sink, max_concurrency=policy)
+    second = Batcher(sink, max_concurrency=2)
+    with pytest.raises(ValueError, match="already tunes"):
+        second.configure(max_concurrency=policy)
+    assert second.stats.concurrency_limit == 2  # nothing changed
+    first.configure(max_concurrency=policy)  # its own again: fine
+    first.configure(max_size=4)  # other settings do not touch it
+    # Once the first lets it go (another limit), the second may take it.
+    first.configure(max_concurrency=3)
+    second.configure(max_concurrency=policy)
+    assert second.stats.concurrency_limit == policy.limit
+    # A copy is another policy; a closed batcher's policy is free.
+    Batcher(sink, max_concurrency=copy.deepcopy(policy))
+
+
+async def test_a_closed_batchers_adaptive_can_be_reused() -> None:
+    async def sink(items: list[int]) -> list[int]:
+        return items
+
+    policy = Adaptive()
+    async with Batcher(sink, max_concurrency=policy) as b:
+        assert await b.submit(1) == 1
+    async with Batcher(sink, max_concurrency=policy) as again:
+        assert await again.submit(2) == 2
