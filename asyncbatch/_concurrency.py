@@ -352,7 +352,11 @@ class Adaptive:
         if self._phase == _HOLD:
             # A held limit moves only on twice the tolerance: a search costs
             # windows at worse limits, so noise must not start one.
-            if latency > self._reference * (1 + 2 * tolerance):
+            if self._reference <= 0:
+                # Held where calls took no measurable time (a coarse clock):
+                # no scale to compare with, so the first latency measured is.
+                self._reference = latency
+            elif latency > self._reference * (1 + 2 * tolerance):
                 cut = math.floor(limit * self._reference / latency)
                 cut = builtins.max(self.min, builtins.min(limit - 1, cut))
                 self._search(now, cut, None)

@@ -486,3 +486,21 @@ async def test_a_closed_batchers_adaptive_can_be_reused() -> None:
         assert await b.submit(1) == 1
     async with Batcher(sink, max_concurrency=policy) as again:
         assert await again.submit(2) == 2
+
+
+def test_a_held_latency_of_zero_is_no_reference_for_a_cut() -> None:
+    # A coarse clock (Windows' 15.6 ms, a virtual one): calls that take no
+    # measurable time give a window latency of 0. Held there (after a cut),
+    # the next positive latency has nothing to be compared with: no cut.
+    feed = Feed(Adaptive())
+    while feed.policy.limit < 5:
+        feed.batch(scales(feed.policy.limit))
+    feed.batch(0.1, overloaded=True, started=feed.now)
+    cut = feed.policy.limit
+    assert cut == 4
+    for _ in range(100):
+        feed.batch(0.0)  # calls that took no time: latency 0
+    assert (feed.policy.limit, feed.policy._phase) == (cut, "hold")
+    for _ in range(100):
+        feed.batch(0.001)
+    assert feed.policy.limit == cut
