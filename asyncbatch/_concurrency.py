@@ -19,6 +19,7 @@ from __future__ import annotations
 import builtins
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = ["Adaptive", "BatchSample"]
 
@@ -243,10 +244,8 @@ class Adaptive:
         self._since = -math.inf  # loop time of the last change: older batches are stale
         self._ceiling = max + 1  # limits >= it are out of reach until _ceiling_until
         self._ceiling_until = -math.inf
-        # The window: (items in the system, latency, size, duration, calls
-        # in flight, end, idle before it) per call ended; items in the system
-        # is None for a call started under an earlier limit. _fresh: the
-        # others, its batches.
+        # The window: one _Sample per call ended; _fresh: those started
+        # under the limit in force, its batches.
         self._samples: list[_Sample] = []
         # The system was empty (no call running, nothing accepted) from
         # _empty_since until the next call started: idle time, in which no
@@ -294,7 +293,7 @@ class Adaptive:
         if self._start is None:
             self._start = start
         self._samples.append(
-            (
+            _Sample(
                 in_system,
                 sample.latency,
                 sample.size,
@@ -328,14 +327,14 @@ class Adaptive:
     def _decide(self, now: float) -> None:
         samples = self._samples
         # The halves split after half the window's batches.
-        split = [i for i, sample in enumerate(samples, 1) if sample[0] is not None][
+        split = [i for i, sample in enumerate(samples, 1) if sample.in_system is not None][
             self._fresh // 2 - 1
         ]
         start = self._start
         assert start is not None
         tolerance = self.tolerance
         early = _latency(samples[:split], start, tolerance)
-        late = _latency(samples[split:], samples[split - 1][5], tolerance)
+        late = _latency(samples[split:], samples[split - 1].end, tolerance)
         latency = _latency(samples, start, tolerance)
         used = self._peak >= self.limit and self._starved
         limit = self.limit
@@ -458,7 +457,7 @@ class Adaptive:
 
     def _clear(self) -> None:
         if self._samples:
-            self._start = self._samples[-1][5]  # windows tile the time
+            self._start = self._samples[-1].end  # windows tile the time
         self._samples = []
         self._fresh = 0
         self._peak = 0
@@ -468,7 +467,16 @@ class Adaptive:
         return f"Adaptive(min={self.min}, max={self.max}, limit={self.limit})"
 
 
-_Sample = tuple[float | None, float, int, float, int, float, float]
+class _Sample(NamedTuple):
+    """One ended call as the window keeps it (seconds are loop time)."""
+
+    in_system: float | None  # items in the system; None: started under an earlier limit
+    latency: float  # the measured mean latency of its items
+    size: int
+    duration: float
+    calls: int  # calls in flight when it ended, itself included
+    end: float
+    idle: float  # seconds the system was empty just before it started
 
 
 def _latency(samples: list[_Sample], start: float, tolerance: float) -> float:
@@ -480,23 +488,23 @@ def _latency(samples: list[_Sample], start: float, tolerance: float) -> float:
     (loop time) plus ``tolerance``. Without call time to take a rate over,
     the mean measured latency, weighted by size.
     """
-    fresh = [sample for sample in samples if sample[0] is not None]
-    items = sum(sample[2] for sample in samples)
-    seconds = sum(sample[3] for sample in samples)
+    fresh = [sample for sample in samples if sample.in_system is not None]
+    items = sum(sample.size for sample in samples)
+    seconds = sum(sample.duration for sample in samples)
     if seconds > 0 and items > 0 and fresh:
-        in_system = sum(sample[0] for sample in fresh if sample[0] is not None) / len(fresh)
-        calls = sum(sample[4] for sample in samples) / len(samples)
+        in_system = sum(s.in_system for s in fresh if s.in_system is not None) / len(fresh)
+        calls = sum(sample.calls for sample in samples) / len(samples)
         rate = items * calls / seconds
         # The span leaves out the time the system was empty (between bursts).
-        span = samples[-1][5] - start - sum(sample[6] for sample in samples)
+        span = samples[-1].end - start - sum(sample.idle for sample in samples)
         if span > 0:
             # Calls still running are in neither sum: when the ones that
             # ended are the short ones (a call retried after an overload
             # runs long), the count over the span bounds the rate.
             rate = builtins.min(rate, items / span * (1 + tolerance))
         return in_system / rate
-    answered = sum(sample[2] for sample in fresh)
-    return sum(sample[1] * sample[2] for sample in fresh) / answered if answered else 0.0
+    answered = sum(sample.size for sample in fresh)
+    return sum(s.latency * s.size for s in fresh) / answered if answered else 0.0
 
 
 _REMEASURE = 2  # windows measured again at most, while latency still rises
